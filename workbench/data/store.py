@@ -1,0 +1,292 @@
+"""The chip store: `catalog.parquet` (one row per chip) plus a chunked Zarr array store.
+
+Every external format is ingested into this one layout, so the rest of the workbench reads
+chips in one way. Layout of a store directory::
+
+    catalog.parquet   chip_id, lat, lon, region, year, split, positive_fraction, valid_fraction, source, ...
+    chips.zarr/       image(chip, band, y, x) float32, label(chip, y, x) uint8, valid(chip, y, x) bool,
+                      optional extra planes (chip, y, x); band names, modality and optical flag as coordinates
+    store.json        format version, band table, chip size, free-form attributes
+
+Stores are written chip by chip into a temporary directory and renamed when complete, so an
+interrupted ingest never leaves a half-written store and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from workbench.io import atomic_directory, write_json_atomic
+
+STORE_VERSION = 1
+IGNORE_INDEX = 255
+CATALOG_COLUMNS = ["chip_id", "lat", "lon", "region", "year", "split", "positive_fraction", "source"]
+
+
+class StoreError(ValueError):
+    """A chip or a store does not match what the store format expects."""
+
+
+@dataclass(frozen=True)
+class BandSpec:
+    """One input band: its name, the modality it belongs to, and whether colour changes apply to it."""
+
+    name: str
+    modality: str
+    optical: bool = False
+
+
+@dataclass
+class Chip:
+    """One chip as readers hand it to the store writer."""
+
+    chip_id: str
+    image: np.ndarray  # (band, y, x), finite after sanitising
+    label: np.ndarray  # (y, x) class ids; IGNORE_INDEX marks pixels without a label
+    valid: np.ndarray  # (y, x) bool, False where any input band was nodata
+    lat: float = float("nan")
+    lon: float = float("nan")
+    region: str = ""
+    year: int = 0
+    split: str = ""
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # extra catalog columns
+    planes: dict[str, np.ndarray] = field(default_factory=dict)  # extra (y, x) planes, e.g. annotator votes
+
+
+def positive_fraction(label: np.ndarray, valid: np.ndarray) -> float:
+    """Fraction of valid, labelled pixels whose class is not background (0)."""
+    usable = valid & (label != IGNORE_INDEX)
+    n = int(usable.sum())
+    return float(((label > 0) & usable).sum() / n) if n else 0.0
+
+
+class StoreWriter:
+    """Stream chips into a new store; use as a context manager.
+
+    >>> with StoreWriter(dest, bands, source="demo") as writer:   # doctest: +SKIP
+    ...     writer.append(chip)
+    """
+
+    def __init__(
+        self,
+        dest: str | Path,
+        bands: Sequence[BandSpec],
+        source: str = "",
+        attrs: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        flush_every: int = 32,
+    ) -> None:
+        if not bands:
+            raise StoreError("a store needs at least one band")
+        names = [band.name for band in bands]
+        if len(set(names)) != len(names):
+            raise StoreError(f"band names must be unique, got {names}")
+        self.dest = Path(dest)
+        self.bands = list(bands)
+        self.source = source
+        self.attrs = dict(attrs or {})
+        self.overwrite = overwrite
+        self.flush_every = flush_every
+        self._rows: list[dict[str, Any]] = []
+        self._buffer: list[Chip] = []
+        self._shape: tuple[int, int] | None = None
+        self._planes: tuple[str, ...] | None = None
+        self._ids: set[str] = set()
+        self._written = 0
+        self._ctx: Any = None
+        self._tmp: Path | None = None
+
+    # context management ---------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        self._ctx = atomic_directory(self.dest, overwrite=self.overwrite)
+        self._tmp = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._ctx is not None
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as error:
+                self._ctx.__exit__(type(error), error, error.__traceback__)
+                raise
+        self._ctx.__exit__(exc_type, exc, tb)
+
+    # writing ---------------------------------------------------------------
+    def append(self, chip: Chip) -> None:
+        """Validate one chip and queue it for writing."""
+        self._check(chip)
+        self._ids.add(chip.chip_id)
+        valid = np.asarray(chip.valid, dtype=bool)
+        label = np.asarray(chip.label)
+        row: dict[str, Any] = {
+            "chip_id": chip.chip_id,
+            "lat": float(chip.lat),
+            "lon": float(chip.lon),
+            "region": chip.region,
+            "year": int(chip.year),
+            "split": chip.split,
+            "positive_fraction": positive_fraction(label, valid),
+            "valid_fraction": float(valid.mean()),
+            "source": chip.source or self.source,
+        }
+        row.update(chip.extra)
+        self._rows.append(row)
+        self._buffer.append(chip)
+        if len(self._buffer) >= self.flush_every:
+            self._flush()
+
+    def _where(self, chip: Chip) -> str:
+        origin = chip.extra.get("file") or chip.source or self.source
+        return f"chip {chip.chip_id!r}" + (f" (from {origin})" if origin else "")
+
+    def _check(self, chip: Chip) -> None:
+        where = self._where(chip)
+        if chip.chip_id in self._ids:
+            raise StoreError(f"{where}: duplicate chip id")
+        image = np.asarray(chip.image)
+        if image.ndim != 3 or image.shape[0] != len(self.bands):
+            raise StoreError(
+                f"{where}: image has shape {image.shape}, expected ({len(self.bands)}, y, x) for bands "
+                f"{[b.name for b in self.bands]}"
+            )
+        shape = (int(image.shape[1]), int(image.shape[2]))
+        if self._shape is None:
+            self._shape = shape
+        if shape != self._shape:
+            raise StoreError(f"{where}: chip size {shape} differs from the store's {self._shape}; tile to one size")
+        for name, plane in [("label", chip.label), ("valid", chip.valid), *chip.planes.items()]:
+            if np.asarray(plane).shape != shape:
+                raise StoreError(f"{where}: {name} has shape {np.asarray(plane).shape}, expected {shape}")
+        planes = tuple(sorted(chip.planes))
+        if self._planes is None:
+            self._planes = planes
+        if planes != self._planes:
+            raise StoreError(f"{where}: extra planes {planes} differ from earlier chips' {self._planes}")
+        valid = np.asarray(chip.valid, dtype=bool)
+        if not valid.any():
+            raise StoreError(f"{where}: no valid pixel (all nodata); drop the chip before ingest")
+        if not np.isfinite(image[:, valid]).all():
+            raise StoreError(f"{where}: non-finite values inside the valid mask; sanitise nodata before ingest")
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        assert self._tmp is not None
+        chips = self._buffer
+        self._buffer = []
+        image = np.stack([np.where(c.valid[None], c.image, 0).astype(np.float32) for c in chips])
+        label = np.stack([np.asarray(c.label, dtype=np.uint8) for c in chips])
+        valid = np.stack([np.asarray(c.valid, dtype=bool) for c in chips])
+        data_vars: dict[str, Any] = {
+            "image": (("chip", "band", "y", "x"), image),
+            "label": (("chip", "y", "x"), label),
+            "valid": (("chip", "y", "x"), valid),
+        }
+        for name in self._planes or ():
+            data_vars[name] = (("chip", "y", "x"), np.stack([np.asarray(c.planes[name]) for c in chips]))
+        ds = xr.Dataset(data_vars, coords={"chip_id": ("chip", np.array([c.chip_id for c in chips], dtype=object))})
+        target = self._tmp / "chips.zarr"
+        if self._written == 0:
+            ds = ds.assign_coords(
+                band=("band", np.array([b.name for b in self.bands], dtype=object)),
+                modality=("band", np.array([b.modality for b in self.bands], dtype=object)),
+                optical=("band", [b.optical for b in self.bands]),
+            )
+            encoding = {name: {"chunks": (1, *ds[name].shape[1:])} for name in data_vars}
+            encoding["chip_id"] = {"chunks": (4096,)}
+            ds.to_zarr(target, mode="w", consolidated=False, encoding=encoding)
+        else:
+            ds.to_zarr(target, append_dim="chip", consolidated=False)
+        self._written += len(chips)
+
+    def _finish(self) -> None:
+        self._flush()
+        if self._written == 0:
+            raise StoreError(f"no chips were written to {self.dest}; check the source folder and its layout")
+        assert self._tmp is not None
+        catalog = pd.DataFrame(self._rows)
+        catalog.to_parquet(self._tmp / "catalog.parquet", index=False)
+        assert self._shape is not None
+        meta = {
+            "version": STORE_VERSION,
+            "source": self.source,
+            "chip_size": list(self._shape),
+            "bands": [{"name": b.name, "modality": b.modality, "optical": b.optical} for b in self.bands],
+            "planes": list(self._planes or ()),
+            "n_chips": self._written,
+            "attrs": self.attrs,
+        }
+        write_json_atomic(self._tmp / "store.json", meta)
+
+
+def _require_store(path: Path) -> None:
+    missing = [name for name in ("catalog.parquet", "chips.zarr", "store.json") if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a chip store (missing {', '.join(missing)}); create one with `workbench ingest`"
+        )
+
+
+def read_catalog(path: str | Path) -> pd.DataFrame:
+    """The store's catalog, one row per chip in store order."""
+    path = Path(path)
+    _require_store(path)
+    return pd.read_parquet(path / "catalog.parquet")
+
+
+def read_store_meta(path: str | Path) -> dict[str, Any]:
+    """The store's `store.json` (bands, chip size, attributes)."""
+    path = Path(path)
+    _require_store(path)
+    meta: dict[str, Any] = json.loads((path / "store.json").read_text(encoding="utf-8"))
+    return meta
+
+
+def band_specs(meta: dict[str, Any]) -> list[BandSpec]:
+    """Band table of a store's metadata as BandSpec objects."""
+    return [BandSpec(**band) for band in meta["bands"]]
+
+
+def open_store(path: str | Path, catalog: pd.DataFrame | None = None) -> xr.Dataset:
+    """Open a chip store lazily as an xarray Dataset.
+
+    `image(chip, band, y, x)`, `label(chip, y, x)`, `valid(chip, y, x)`; catalog columns become chip
+    coordinates. Arrays are dask-backed and chunked per chip, so selecting a batch reads only it.
+    Pass `catalog` to attach an updated catalog (for example with a new split column).
+    """
+    path = Path(path)
+    _require_store(path)
+    ds = xr.open_zarr(path / "chips.zarr", consolidated=False)
+    table = read_catalog(path) if catalog is None else catalog
+    if len(table) != ds.sizes["chip"]:
+        raise StoreError(f"{path}: catalog has {len(table)} rows but the arrays hold {ds.sizes['chip']} chips")
+    stored_ids = np.array([str(value) for value in ds["chip_id"].values])
+    if not (np.array([str(v) for v in table["chip_id"]]) == stored_ids).all():
+        raise StoreError(f"{path}: catalog chip ids are not in array order; rebuild the catalog")
+    coords = {col: ("chip", table[col].to_numpy()) for col in table.columns if col != "chip_id"}
+    ds = ds.assign_coords(coords)
+    ds.attrs.update(read_store_meta(path).get("attrs", {}))
+    return ds
+
+
+def write_catalog(path: str | Path, catalog: pd.DataFrame) -> None:
+    """Replace a store's catalog atomically (for example after assigning splits); rows must keep their order."""
+    from workbench.io import write_bytes_atomic
+
+    path = Path(path)
+    current = read_catalog(path)
+    if list(current["chip_id"]) != list(catalog["chip_id"]):
+        raise StoreError(f"{path}: the new catalog must list the same chips in the same order")
+    buffer = catalog.to_parquet(index=False)
+    assert buffer is not None
+    write_bytes_atomic(path / "catalog.parquet", buffer)

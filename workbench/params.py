@@ -1,0 +1,407 @@
+"""Typed experiment parameters loaded from YAML.
+
+Every section rejects unknown keys, so a typo in a parameter file fails loudly with the
+file, the key and the allowed names instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every parameter section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SyntheticConfig(StrictModel):
+    """Deterministic generator of multimodal glacial-lake chips (the embedded demo data)."""
+
+    n_chips: int = Field(240, ge=8, description="number of chips generated")
+    chip_size: int = Field(64, ge=16, description="chip side in pixels (10 m pixels)")
+    regions: list[str] = ["tien_shan", "ile_alatau", "zhetysu_alatau"]
+    years: list[int] = [2017, 2021, 2022, 2023]
+    noise_fraction: float = Field(0.06, ge=0.0, le=0.5, description="fraction of chips with a corrupted label")
+    lake_fraction: float = Field(0.75, ge=0.0, le=1.0, description="fraction of chips holding at least one lake")
+    cloud_fraction: float = Field(0.15, ge=0.0, le=1.0, description="fraction of chips with a cloud and its shadow")
+    seed: int = 0
+
+
+class SplitConfig(StrictModel):
+    """How chips are assigned to train / val / test."""
+
+    method: Literal["block", "region", "catalog"] = "block"
+    block_deg: float = Field(0.15, gt=0)
+    buffer_deg: float = Field(0.02, ge=0)
+    salt: str = "cryosentinel-blocks-v1"
+    train_percent: int = Field(80, ge=0, le=100)
+    val_percent: int = Field(10, ge=0, le=100)
+    holdout_regions: list[str] = Field(default_factory=list, description="test regions for method=region")
+    n_folds: int = Field(5, ge=2, description="spatial folds for out-of-sample predictions")
+
+
+class NormalizeConfig(StrictModel):
+    """Per-band normalisation computed on valid pixels of the train split."""
+
+    method: Literal["zscore", "percentile", "none"] = "zscore"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    stats_file: Path | None = Field(None, description="use these statistics instead of computing them")
+
+
+class CurriculumStage(StrictModel):
+    """From `epoch` on (0-based), draw `negatives_per_positive` negative chips per positive chip."""
+
+    epoch: int = Field(ge=0)
+    negatives_per_positive: float = Field(ge=0)
+
+
+class SamplerConfig(StrictModel):
+    """Which chips a training epoch draws."""
+
+    kind: Literal["random", "balanced", "hard_negative", "curriculum"] = "random"
+    positive_fraction: float = Field(0.5, gt=0, lt=1, description="for kind=balanced")
+    positive_threshold: float = Field(0.002, ge=0, description="a chip is positive above this label fraction")
+    hard_negative_ratio: float = Field(3.0, gt=0, description="positive:negative weight ratio, kind=hard_negative")
+    curriculum: list[CurriculumStage] = Field(default_factory=list)
+    epoch_size: int | None = Field(None, ge=1, description="chips per epoch; default: the train split size")
+
+
+class AugmentConfig(StrictModel):
+    """Augmentations applied identically to image, label and valid mask (probabilities per sample)."""
+
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rot90: float = Field(0.0, ge=0, le=1)
+    spectral_jitter: float = Field(0.0, ge=0, le=1)
+    jitter_eps: dict[str, float] = Field(default_factory=lambda: {"S2L2A": 0.03, "S1GRD": 0.07, "DEM": 0.02})
+    brightness: float = Field(0.0, ge=0, le=1, description="probability of a brightness/contrast change (optical)")
+    brightness_limit: float = Field(0.2, ge=0)
+    multiscale: float = Field(0.0, ge=0, le=1)
+    scale_range: tuple[float, float] = (0.8, 1.2)
+    copy_paste: float = Field(0.0, ge=0, le=1)
+    copy_paste_min_pixels: int = Field(32, ge=1)
+    slide_mix: float = Field(0.0, ge=0, le=1, description="probability of a Sat-SlideMix roll per sample")
+    slide_mix_copies: int = Field(1, ge=1, description="augmented copies per original (gamma)")
+    boundary: Literal["none", "ignore", "soft"] = "none"
+    boundary_width: int = Field(3, ge=1)
+    soft_label_value: float = Field(0.05, ge=0, le=0.5)
+
+
+class DataParams(StrictModel):
+    """Where the chips come from and how they are fed to the model."""
+
+    source: Literal["synthetic", "store"] = "synthetic"
+    store: Path = Field(Path("data-cache/demo"), description="chip store directory (created for source=synthetic)")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    bands: list[str] | None = Field(None, description="band subset fed to the model; default: all bands")
+    rgb_bands: tuple[str, str, str] = ("B04", "B03", "B02")
+    green_band: str = "B03"
+    swir_band: str = "B11"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class TerraMindConfig(StrictModel):
+    """TerraMind v1 backbone built through terratorch."""
+
+    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    modalities: list[Literal["S2L2A", "S2L1C", "S1GRD", "S1RTC", "DEM"]] = ["S2L2A", "S1GRD", "DEM"]
+    decoder: Literal["UperNet", "UNet"] = "UperNet"
+    decoder_channels: int | list[int] = 256
+    tap_indices: list[int] | None = Field(None, description="ViT blocks fed to the decoder; default spread evenly")
+    checkpoint: Path | None = Field(None, description="local TerraMind checkpoint (.pt/.safetensors)")
+
+
+class ModelParams(StrictModel):
+    """Architecture selection."""
+
+    architecture: str = Field("Unet", description="an smp architecture, 'terramind', 'satunet' or 'late_fusion'")
+    encoder: str = "resnet18"
+    encoder_depth: int = Field(5, ge=3, le=5)
+    decoder_channels: list[int] | None = None
+    encoder_weights: Path | None = Field(None, description="local encoder weights file (3-channel ImageNet is adapted)")
+    num_classes: int = Field(1, ge=1, description="1 = binary (one logit)")
+    terramind: TerraMindConfig = Field(default_factory=TerraMindConfig)
+    fusion_groups: list[list[str]] = Field(default_factory=list, description="band groups for late_fusion")
+    base_channels: int = Field(32, ge=4, description="width of satunet")
+
+
+# --------------------------------------------------------------------------- train
+
+
+class LossTerm(StrictModel):
+    """One weighted term of the training loss; options not used by `name` are ignored."""
+
+    name: Literal["bce", "dice", "generalized_dice", "focal", "tversky", "lovasz", "boundary", "ohem_bce"]
+    weight: float = Field(1.0, ge=0)
+    pos_weight: float | Literal["data", "batch"] | None = Field(
+        None, description="BCE positive weight: a number, 'data' (from the train split) or 'batch' (per-batch clamp)"
+    )
+    pos_weight_max: float = Field(100.0, gt=0)
+    class_weighting: Literal["none", "linear", "sqrt", "log"] = "none"
+    alpha: float = Field(0.25, ge=0)
+    beta: float = Field(0.75, ge=0)
+    gamma: float = Field(2.0, ge=0)
+    smooth: float = Field(1.0, ge=0)
+    keep_ratio: float = Field(0.5, gt=0, le=1)
+    min_kept: int = Field(4096, ge=1)
+
+
+class OptimizerConfig(StrictModel):
+    """AdamW with backbone / decoder groups and optional layer-wise decay."""
+
+    lr: float = Field(1e-3, gt=0, description="decoder (base) learning rate")
+    backbone_lr_mult: float = Field(1.0, gt=0)
+    layer_decay: float = Field(1.0, gt=0, le=1, description="ViT layer-wise lr decay (1 = off)")
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    frozen_lr: float | None = Field(None, gt=0, description="decoder lr while the backbone is frozen")
+    scheduler: Literal["constant", "cosine", "plateau"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start_factor: float = Field(0.01, gt=0, le=1)
+    min_lr: float = Field(1e-6, ge=0)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(5, ge=0)
+
+
+class EmaConfig(StrictModel):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+
+
+class SwaConfig(StrictModel):
+    enabled: bool = False
+    start_fraction: float = Field(0.4, ge=0, le=1)
+    lr: float = Field(1e-5, gt=0)
+    anneal_epochs: int = Field(3, ge=0)
+    soup_snapshots: int = Field(0, ge=0, description="uniform soup of this many snapshots (0 = off)")
+
+
+class EarlyStoppingConfig(StrictModel):
+    enabled: bool = False
+    monitor: str = "val/iou"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(10, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    start_epoch: int = Field(0, ge=0)
+    window: int = Field(1, ge=1, description="moving average over this many validations")
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="MLflow tracking URI; CSV logs are always written")
+    experiment: str | None = None
+
+
+class TrainParams(StrictModel):
+    """Optimisation, precision and scale-out."""
+
+    max_epochs: int = Field(8, ge=1)
+    max_steps: int = Field(-1, ge=-1)
+    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="bce"), LossTerm(name="dice")])
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
+    devices: int | str = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    compile: bool = False
+    deterministic: bool = False
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    swa: SwaConfig = Field(default_factory=SwaConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint_every_n_steps: int | None = Field(None, ge=1)
+    val_every_n_epochs: int = Field(1, ge=1)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    progress_bar: bool = True
+
+
+# --------------------------------------------------------------------------- evaluate / calibrate / review
+
+
+class EvaluateParams(StrictModel):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    tta: Literal["none", "minimal", "standard", "full"] = "none"
+    prevalences: list[int] = Field(default_factory=lambda: [200, 500, 1000], description="1:N positive:negative")
+    object_iou: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.1])
+    sweep_thresholds: list[float] = Field(default_factory=lambda: [round(0.1 + 0.05 * i, 2) for i in range(17)])
+    histogram_bins: int = Field(1000, ge=10)
+
+
+class CalibrateParams(StrictModel):
+    split: str = Field("val", description="calibration split, spatially disjoint from train and test")
+    ece_bins: int = Field(15, ge=2)
+    threshold_rule: Literal["best_iou", "best_f1", "target_precision", "fixed"] = "best_iou"
+    target_precision: float = Field(0.8, gt=0, le=1)
+    per_region: bool = False
+
+
+class ReviewParams(StrictModel):
+    water_index_threshold: float = Field(0.0, description="MNDWI above this is water (seed docs 0, code 0.3)")
+    prefilter_min_iou: float = Field(0.20, ge=0, le=1)
+    prefilter_max_ratio: float = Field(3.0, gt=0)
+    prefilter_empty_max_water: float = Field(0.05, ge=0, le=1)
+    model_weight: float = Field(1.0, ge=0, description="weight of model-label disagreement in the score")
+    index_weight: float = Field(0.5, ge=0, description="weight of water-index-label disagreement in the score")
+    splits: list[str] = Field(default_factory=lambda: ["train", "val", "test"])
+    top_k: int | None = Field(None, ge=1, description="default: the number of injected corruptions, else 20")
+    n_figures: int = Field(8, ge=0)
+
+
+class Params(StrictModel):
+    """One experiment: everything a run needs besides the run directory."""
+
+    experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = 42
+    data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    review: ReviewParams = Field(default_factory=ReviewParams)
+
+    @field_validator("experiment")
+    @classmethod
+    def _no_dots_only(cls, value: str) -> str:
+        if set(value) <= {"."}:
+            raise ValueError("experiment must name something")
+        return value
+
+    @model_validator(mode="after")
+    def _split_percent_sum(self) -> Params:
+        split = self.data.split
+        if split.train_percent + split.val_percent > 100:
+            raise ValueError("data.split.train_percent + data.split.val_percent must not exceed 100")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ParamsError(ValueError):
+    """A parameter file or override is invalid; the message names the file, key and fix."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `section.key=value` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ParamsError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b.c=value` override in a nested dict (creating sections as needed)."""
+    for override in overrides:
+        path, value = parse_override(override)
+        node = tree
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {override!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at the parent of `loc` (for 'extra key' messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        current = _first_model(annotation)
+    return sorted(current.model_fields) if current is not None and hasattr(current, "model_fields") else []
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """Render pydantic errors as one line per problem: file, dotted key, what is wrong, what is allowed."""
+    lines = [f"invalid parameters in {source}:"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(part) for part in loc) or "<top level>"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_fields(Params, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"  {key}: unknown key{hint}; allowed keys: {', '.join(allowed)}")
+        else:
+            ctx = item.get("ctx") or {}
+            expected = f"; expected {ctx['expected']}" if "expected" in ctx else ""
+            lines.append(f"  {key}: {item['msg']}{expected} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Read a YAML parameter file (safe loader), apply `--set` overrides and validate.
+
+    With no path, the defaults are used and `experiment` must come from an override.
+    """
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise ParamsError(f"parameter file {file} does not exist; pass a YAML file such as params/demo.yaml")
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"parameter file {file} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ParamsError(f"parameter file {file} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+        tree = apply_overrides(tree, list(overrides))
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(exc, source)) from None
+
+
+def dump_params(params: Params, path: str | Path) -> None:
+    """Write parameters as YAML (atomically) so a run can be reproduced from its directory."""
+    from workbench.io import write_text_atomic
+
+    data = params.model_dump(mode="json")
+    write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False))
