@@ -1,0 +1,41 @@
+# Two commands set up and use a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment in .venv when it is missing.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LAB_PORT ?= 8888
+
+.PHONY: demo test lint typecheck unit lab bench clean-env
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/workbench run params/demo.yaml
+
+test: lint typecheck unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check workbench tests notebooks
+	$(BIN)/ruff format --check workbench tests notebooks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy workbench
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --allow-root \
+		--ServerApp.root_dir=$(CURDIR) --IdentityProvider.token=$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')}
+
+bench: $(STAMP)
+	$(BIN)/workbench bench all
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,43 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Label-noise review
+#
+# Where the model, the water index and the label disagree, the label is often the one that is
+# wrong (a lake omitted, undersized or misplaced). Each chip gets a suspicion score from
+# model-label disagreement and index-label disagreement where model and index agree; the
+# top-ranked chips are drawn as four panels: S2 RGB | MNDWI | label | prediction.
+
+# %% tags=["parameters"]
+params_file = "../params/demo.yaml"
+overrides: list[str] = []
+run_dir = ""
+
+# %%
+from workbench.notebook import open_run, show_figures, show_metrics
+from workbench.stages import run_review
+
+params, run_path = open_run(params_file, overrides, run_dir)
+review = run_review(params, run_path)
+show_metrics(review.metrics)
+
+# %%
+display(review.tables["ranking"])
+display(review.tables["prefilter"])
+
+# %% [markdown]
+# ## Most suspicious chips
+
+# %%
+show_figures(review.figures)

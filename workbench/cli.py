@@ -1,0 +1,155 @@
+"""Command line: `workbench run | ingest | predict | bench | params`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _parse_options(items: list[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--option {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.pipeline import PipelineError, run_pipeline, run_seeds
+
+    try:
+        if args.seeds:
+            results, table = run_seeds(args.params, args.seeds, args.set, args.reports, progress=not args.quiet)
+            for result in results:
+                print(f"{result.status}: {result.run_dir}")
+            print(f"seed summary: {table}")
+            return 0
+        result = run_pipeline(args.params, args.set, args.reports, notebooks=args.notebooks, progress=not args.quiet)
+    except PipelineError as exc:
+        print(f"run failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"run complete: {result.run_dir}")
+    for key in ("test.iou", "val.iou", "calibration.temperature", "audit.top_k_recall", "wall_seconds"):
+        if key in result.metrics:
+            print(f"  {key} = {result.metrics[key]}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from workbench.data.ingest import ingest
+
+    report = ingest(
+        args.format,
+        Path(args.src),
+        Path(args.dest),
+        chip_size=args.chip_size,
+        stride=args.stride,
+        overwrite=args.overwrite,
+        **_parse_options(args.option),
+    )
+    print(report)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from workbench.infer import predict_raster
+
+    result = predict_raster(
+        Path(args.model_dir),
+        Path(args.raster),
+        Path(args.out),
+        window=args.window,
+        stride=args.stride,
+        memory_limit_mb=args.memory_limit_mb,
+        min_area_m2=args.min_area_m2,
+        scales=tuple(args.scales),
+        tta=args.tta,
+    )
+    print(result)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from workbench.bench import run_benchmark
+
+    path = run_benchmark(args.what, Path(args.reports), quick=args.quick)
+    print(f"benchmark results: {path}")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from workbench.params import load_params
+
+    params = load_params(args.params, args.set)
+    print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="EO segmentation workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the notebooks of a run with papermill")
+    run.add_argument("params", help="parameter file, e.g. params/demo.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_epochs=2")
+    run.add_argument("--reports", default="reports", help="reports folder (default: reports)")
+    run.add_argument("--seeds", type=int, nargs="+", help="run once per seed and summarise mean ± std")
+    run.add_argument("--notebooks", nargs="+", help="run only these notebooks (names without .py)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    ingest = sub.add_parser("ingest", help="turn an external data set into a chip store")
+    ingest.add_argument("format", help="landslide4sense, cloud38, sen1floods11, terramesh, cryosentinel, npz, geotiff")
+    ingest.add_argument("src")
+    ingest.add_argument("dest")
+    ingest.add_argument("--chip-size", type=int)
+    ingest.add_argument("--stride", type=int)
+    ingest.add_argument("--option", action="append", metavar="KEY=VALUE", help="reader option (YAML value)")
+    ingest.add_argument("--overwrite", action="store_true")
+    ingest.set_defaults(func=cmd_ingest)
+
+    predict = sub.add_parser("predict", help="sliding-window inference over a GeoTIFF")
+    predict.add_argument("model_dir")
+    predict.add_argument("raster")
+    predict.add_argument("out")
+    predict.add_argument("--window", type=int)
+    predict.add_argument("--stride", type=int)
+    predict.add_argument("--memory-limit-mb", type=int)
+    predict.add_argument("--min-area-m2", type=float, default=0.0)
+    predict.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    predict.add_argument("--tta", default="none", choices=["none", "minimal", "standard", "full"])
+    predict.set_defaults(func=cmd_predict)
+
+    bench = sub.add_parser("bench", help="side-by-side benchmarks written under reports/bench/")
+    bench.add_argument("what", choices=["data", "train", "infer", "all"])
+    bench.add_argument("--reports", default="reports")
+    bench.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    bench.set_defaults(func=cmd_bench)
+
+    show = sub.add_parser("params", help="validate a parameter file and print the resolved parameters")
+    show.add_argument("params")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `workbench` command."""
+    from workbench.params import ParamsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ParamsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

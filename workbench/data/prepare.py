@@ -1,0 +1,110 @@
+"""Data preparation stage: make sure the chip store exists, assign splits, compute normalisation.
+
+Outputs go to `<run_dir>/data/`: `catalog.parquet` (the store's catalog with the split used by
+this run) and `normalization_stats.json` (train-split statistics), which later stages read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from workbench.data.store import read_catalog, read_store_meta
+from workbench.io import write_bytes_atomic
+from workbench.params import DataParams
+
+CATALOG_FILE = "catalog.parquet"
+STATS_FILE = "normalization_stats.json"
+
+
+@dataclass
+class PreparedData:
+    """Where a run's data stage left its outputs."""
+
+    store: Path
+    catalog_path: Path
+    stats_path: Path
+    catalog: pd.DataFrame
+    bands: list[str]
+
+
+def resolve_path(path: Path, root: Path | None = None) -> Path:
+    """Relative parameter paths are taken from the project root (or `root`)."""
+    if path.is_absolute():
+        return path
+    base = root if root is not None else Path.cwd()
+    return (base / path).resolve()
+
+
+def ensure_store(cfg: DataParams, root: Path | None = None) -> Path:
+    """The chip store of `cfg`: generated for the synthetic source, checked for an existing store."""
+    store = resolve_path(cfg.store, root)
+    if cfg.source == "synthetic":
+        from workbench.data.synthetic import ensure_synthetic_store
+
+        return Path(ensure_synthetic_store(store, cfg.synthetic))
+    read_store_meta(store)  # raises a clear error when the store is missing
+    return store
+
+
+def selected_bands(store: Path, cfg: DataParams) -> list[str]:
+    """Bands fed to the model: `data.bands` or every band of the store."""
+    names = [band["name"] for band in read_store_meta(store)["bands"]]
+    if cfg.bands is None:
+        return names
+    missing = [band for band in cfg.bands if band not in names]
+    if missing:
+        raise ValueError(f"data.bands lists {missing}, which store {store} does not have; it has {names}")
+    return list(cfg.bands)
+
+
+def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | None = None) -> PreparedData:
+    """Run the data stage and write its outputs under `run_dir/data`."""
+    from workbench.data.normalize import NormalizationStats, compute_stats
+    from workbench.data.split import assign_splits
+    from workbench.data.store import open_store
+
+    store = ensure_store(cfg, root)
+    bands = selected_bands(store, cfg)
+    catalog = read_catalog(store)
+    catalog["split"] = assign_splits(catalog, cfg.split, seed=seed).to_numpy()
+    for split in ("train", "val", "test"):
+        if not (catalog["split"] == split).any():
+            raise ValueError(
+                f"split {split!r} is empty for store {store} (counts: {catalog['split'].value_counts().to_dict()}); "
+                "adjust data.split.block_deg / percentages, or add chips"
+            )
+    out = Path(run_dir) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    catalog_path = out / CATALOG_FILE
+    buffer = catalog.to_parquet(index=False)
+    assert buffer is not None
+    write_bytes_atomic(catalog_path, buffer)
+    stats_path = out / STATS_FILE
+    if cfg.normalize.stats_file is not None:
+        stats = NormalizationStats.load(resolve_path(cfg.normalize.stats_file, root))
+        stats.check_compatible(bands, cfg.normalize.method)
+    else:
+        train_positions = catalog.index[catalog["split"] == "train"].to_numpy()
+        stats = compute_stats(
+            open_store(store, catalog=catalog),
+            train_positions,
+            bands=bands,
+            method=cfg.normalize.method,
+            percentiles=cfg.normalize.percentiles,
+        )
+    stats.save(stats_path)
+    return PreparedData(store, catalog_path, stats_path, catalog, bands)
+
+
+def load_prepared(run_dir: Path, cfg: DataParams, root: Path | None = None) -> PreparedData:
+    """Read what the data stage wrote (the handover to training, calibration and review)."""
+    out = Path(run_dir) / "data"
+    catalog_path, stats_path = out / CATALOG_FILE, out / STATS_FILE
+    for path in (catalog_path, stats_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; run the data audit stage (01_data_audit) first")
+    store = resolve_path(cfg.store, root)
+    return PreparedData(store, catalog_path, stats_path, pd.read_parquet(catalog_path), selected_bands(store, cfg))

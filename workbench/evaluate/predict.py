@@ -1,0 +1,173 @@
+"""Chip-level inference and the per-chip diagnostics table.
+
+Logits of every chip of a split are written once to `<run_dir>/predictions/<split>.zarr`
+(float16, chunked per chip); calibration, evaluation and review read them from there, so a
+model runs over the data a single time per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from workbench.data.dataset import ChipDataset
+from workbench.data.store import IGNORE_INDEX
+from workbench.io import atomic_directory
+
+PREDICTIONS_DIR = "predictions"
+
+
+@torch.no_grad()
+def iter_chip_logits(
+    model: nn.Module,
+    dataset: ChipDataset,
+    batch_size: int = 16,
+    tta: str = "none",
+    device: str = "cpu",
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (store indices, logits (B, H, W)) batch by batch, with test-time augmentation."""
+    from workbench.evaluate.tta import predict_with_tta
+
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        logits = predict_with_tta(model, batch["image"].to(device), tta)
+        yield batch["index"].numpy(), logits[:, 0].float().cpu().numpy()
+
+
+def write_predictions(
+    run_dir: Path,
+    split: str,
+    model: nn.Module,
+    dataset: ChipDataset,
+    batch_size: int = 16,
+    tta: str = "none",
+    device: str = "cpu",
+) -> Path:
+    """Run the model over a split and store its logits atomically."""
+    indices: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
+    for batch_indices, batch_logits in iter_chip_logits(model, dataset, batch_size, tta, device):
+        indices.append(batch_indices)
+        logits.append(batch_logits.astype(np.float16))
+    ds = xr.Dataset(
+        {"logit": (("chip", "y", "x"), np.concatenate(logits))},
+        coords={"chip_index": ("chip", np.concatenate(indices))},
+        attrs={"split": split, "tta": tta},
+    )
+    dest = Path(run_dir) / PREDICTIONS_DIR / f"{split}.zarr"
+    with atomic_directory(dest, overwrite=True) as tmp:
+        encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}
+        ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
+    return dest
+
+
+def load_predictions(run_dir: Path, split: str) -> xr.Dataset:
+    """Logits of one split written by `write_predictions`."""
+    path = Path(run_dir) / PREDICTIONS_DIR / f"{split}.zarr"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; run the training stage (02_train) first")
+    return xr.open_zarr(path, consolidated=False)
+
+
+def chip_counts(prob: np.ndarray, label: np.ndarray, valid: np.ndarray, threshold: float) -> dict[str, int]:
+    """Confusion counts of one chip over valid, labelled pixels."""
+    usable = valid & (label != IGNORE_INDEX)
+    pred = (prob > threshold) & usable
+    truth = (label > 0) & usable
+    tp = int((pred & truth).sum())
+    fp = int((pred & ~truth).sum())
+    fn = int((~pred & truth).sum())
+    return {"valid_pixels": int(usable.sum()), "tp": tp, "fp": fp, "fn": fn, "tn": int(usable.sum()) - tp - fp - fn}
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * x)), dtype=np.float32)
+
+
+def iter_split_chips(
+    store: Path, predictions: xr.Dataset, bands: list[str] | None = None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (store index, raw image, label, valid, logit) for each predicted chip, one at a time."""
+    indices = predictions["chip_index"].values
+    dataset = ChipDataset(store, indices, bands=bands)
+    logits = predictions["logit"]
+    for position, index in enumerate(indices):
+        image, label, valid = dataset.read_raw(position)
+        yield int(index), image, label, valid, np.asarray(logits[position].values, dtype=np.float32)
+
+
+def per_chip_table(
+    store: Path,
+    catalog: pd.DataFrame,
+    predictions: xr.Dataset,
+    threshold: float = 0.5,
+    temperature: float = 1.0,
+    bands: list[str] | None = None,
+    green: str = "B03",
+    swir: str = "B11",
+    water_threshold: float = 0.0,
+) -> pd.DataFrame:
+    """One row per chip: identity, pixel counts, intersection/union/IoU and the water-index fraction."""
+    from workbench.indices import mndwi
+
+    rows = []
+    for index, image, label, valid, logit in iter_split_chips(store, predictions, bands):
+        prob = sigmoid(logit / temperature)
+        counts = chip_counts(prob, label, valid, threshold)
+        row: dict[str, Any] = catalog.iloc[index][["chip_id", "region", "year", "lat", "lon", "split"]].to_dict()
+        row["store_index"] = index
+        row.update(counts)
+        row["label_pixels"] = counts["tp"] + counts["fn"]
+        row["predicted_pixels"] = counts["tp"] + counts["fp"]
+        row["intersection"] = counts["tp"]
+        row["union"] = counts["tp"] + counts["fp"] + counts["fn"]
+        row["iou"] = row["intersection"] / row["union"] if row["union"] else float("nan")
+        if bands is not None and green in bands and swir in bands:
+            index_map = mndwi(image, bands, green=green, swir=swir)
+            row["water_index_fraction"] = float((index_map[valid] > water_threshold).mean()) if valid.any() else 0.0
+        flags = []
+        if row["union"] == 0:
+            flags.append("empty")
+        if row["label_pixels"] and row["iou"] < 0.05:
+            flags.append("tail")
+        row["flags"] = ",".join(flags)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pooled_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """Pooled (sum I / sum U over the split) and per-chip mean metrics from a per-chip table."""
+    tp, fp, fn = (float(table[c].sum()) for c in ("tp", "fp", "fn"))
+    tn = float(table["tn"].sum())
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    return {
+        "iou": ratio(tp, tp + fp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "accuracy": ratio(tp + tn, tp + fp + fn + tn),
+        "mean_chip_iou": float(table["iou"].mean()) if table["iou"].notna().any() else float("nan"),
+        "tail_chips": int((table["flags"].str.contains("tail")).sum()),
+        "n_chips": len(table),
+    }
+
+
+def grouped_metrics(table: pd.DataFrame, by: str) -> dict[str, dict[str, float]]:
+    """Pooled metrics per value of a catalog column (region, year, ...)."""
+    return {str(key): pooled_metrics(group) for key, group in table.groupby(by)}

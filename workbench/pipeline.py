@@ -1,0 +1,281 @@
+"""Run the paired notebooks headless with papermill and keep a browsable index of runs.
+
+A run lives in `<reports>/<experiment>/<run-id>/`: the executed notebooks (`.ipynb` and `.html`),
+`params.yaml`, `run.json` (status, timings, git commit, package versions), `metrics.json` (the
+merged flat metrics of every stage), `figures/`, `diagnostics/`, `model/` and logs.
+`<reports>/index.html` lists every run with its key metrics.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from workbench.io import read_json, write_json_atomic, write_text_atomic
+from workbench.params import dump_params, load_params
+
+NOTEBOOKS = ["01_data_audit", "02_train", "03_calibrate", "04_label_noise_review"]
+KEY_METRICS = [
+    "test.iou",
+    "val.iou",
+    "calibration.temperature",
+    "calibration.threshold",
+    "audit.top_k_precision",
+    "audit.top_k_recall",
+    "wall_seconds",
+]
+PACKAGES = ["torch", "lightning", "segmentation-models-pytorch", "terratorch", "xarray", "zarr", "papermill"]
+
+
+class PipelineError(RuntimeError):
+    """A notebook of the run failed; the message names the notebook and the cell."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    status: str
+
+
+def project_root() -> Path:
+    """The repository root (the folder holding notebooks/ and params/)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def notebooks_dir() -> Path:
+    return project_root() / "notebooks"
+
+
+def git_commit(root: Path) -> str | None:
+    """The current commit of the project, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def new_run_id(seed: int | None = None) -> str:
+    """Sortable, unique-enough run id: UTC time plus the seed when several seeds run."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    return f"{stamp}-s{seed}" if seed is not None else stamp
+
+
+def to_notebook(py_path: Path) -> Any:
+    """Read a jupytext percent script as a notebook with a python3 kernelspec (papermill needs one)."""
+    import jupytext
+
+    notebook = jupytext.read(py_path)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.metadata.setdefault("language_info", {"name": "python"})
+    return notebook
+
+
+def export_html(notebook_path: Path) -> Path:
+    """Render an executed notebook to a standalone HTML file beside it."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = nbformat.read(notebook_path, as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(notebook)
+    return write_text_atomic(notebook_path.with_suffix(".html"), body)
+
+
+def execute_notebook(name: str, run_dir: Path, parameters: dict[str, Any], cwd: Path, progress: bool) -> Path:
+    """Execute one notebook into the run directory; raise PipelineError naming the failing cell."""
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = notebooks_dir() / f"{name}.py"
+    if not source.is_file():
+        raise FileNotFoundError(f"notebook {source} is missing")
+    staged = run_dir / ".inputs" / f"{name}.ipynb"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(to_notebook(source), staged)
+    output = run_dir / f"{name}.ipynb"
+    try:
+        papermill.execute_notebook(
+            str(staged),
+            str(output),
+            parameters=parameters,
+            cwd=str(cwd),
+            kernel_name="python3",
+            progress_bar=progress,
+            log_output=False,
+            request_save_on_cell_execute=True,
+        )
+    except PapermillExecutionError as exc:
+        export_html(output)
+        raise PipelineError(
+            f"notebook {name} failed in cell {exc.exec_count} (index {exc.cell_index}): {exc.ename}: {exc.evalue}; "
+            f"the partial notebook is {output}"
+        ) from None
+    finally:
+        staged.unlink(missing_ok=True)
+    export_html(output)
+    return output
+
+
+def merge_metrics(run_dir: Path) -> dict[str, Any]:
+    """Merge the stage metric files (in stage order) into one flat dict."""
+    merged: dict[str, Any] = {}
+    for name in ("audit_data", "train", "calibration", "review"):
+        path = run_dir / "metrics" / f"{name}.json"
+        if path.is_file():
+            merged.update(read_json(path))
+    return merged
+
+
+def run_pipeline(
+    params_file: str | Path,
+    overrides: list[str] | None = None,
+    reports: str | Path = "reports",
+    run_id: str | None = None,
+    notebooks: list[str] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Execute the notebooks of one run in order; a failure keeps the partial report and marks it failed."""
+    overrides = list(overrides or [])
+    params = load_params(params_file, overrides)
+    cwd = Path.cwd()
+    reports = Path(reports).resolve()
+    run_dir = reports / params.experiment / (run_id or new_run_id())
+    run_dir.mkdir(parents=True, exist_ok=False)
+    dump_params(params, run_dir / "params.yaml")
+    info: dict[str, Any] = {
+        "experiment": params.experiment,
+        "run_id": run_dir.name,
+        "params_file": str(params_file),
+        "overrides": overrides,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "status": "running",
+        "git_commit": git_commit(project_root()),
+        "versions": package_versions(),
+        "command": sys.argv,
+        "notebooks": {},
+    }
+    write_json_atomic(run_dir / "run.json", info)
+    parameters = {"params_file": str(Path(params_file).resolve()), "overrides": overrides, "run_dir": str(run_dir)}
+    started = time.perf_counter()
+    error: PipelineError | None = None
+    for name in notebooks or NOTEBOOKS:
+        t0 = time.perf_counter()
+        try:
+            execute_notebook(name, run_dir, parameters, cwd, progress)
+            info["notebooks"][name] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 2)}
+        except PipelineError as exc:
+            info["notebooks"][name] = {"status": "failed", "seconds": round(time.perf_counter() - t0, 2)}
+            info["error"] = str(exc)
+            error = exc
+            break
+    metrics = merge_metrics(run_dir)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    info["status"] = "failed" if error else "complete"
+    info["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    write_json_atomic(run_dir / "run.json", info)
+    write_index(reports)
+    if error is not None:
+        raise error
+    return RunResult(run_dir, metrics, info["status"])
+
+
+def run_seeds(
+    params_file: str | Path,
+    seeds: list[int],
+    overrides: list[str] | None = None,
+    reports: str | Path = "reports",
+    progress: bool = True,
+) -> tuple[list[RunResult], Path]:
+    """Run the pipeline once per seed and write a mean ± std table of the key metrics."""
+    from workbench.evaluate.summary import seed_summary
+
+    results = [
+        run_pipeline(params_file, [*(overrides or []), f"seed={seed}"], reports, new_run_id(seed), progress=progress)
+        for seed in seeds
+    ]
+    params = load_params(params_file, overrides)
+    table = seed_summary([{k: v for k, v in r.metrics.items() if isinstance(v, int | float)} for r in results])
+    out = Path(reports).resolve() / params.experiment / f"seeds-{new_run_id()}.csv"
+    write_text_atomic(out, table.to_csv())
+    return results, out
+
+
+def _row(run_json: Path) -> dict[str, Any]:
+    info = json.loads(run_json.read_text(encoding="utf-8"))
+    metrics_file = run_json.parent / "metrics.json"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+    return {"dir": run_json.parent, "info": info, "metrics": metrics}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return "" if value is None else html.escape(str(value))
+
+
+def write_index(reports: Path) -> Path:
+    """Rewrite `<reports>/index.html`: one row per run (newest first) with links to its notebooks."""
+    reports = Path(reports)
+    rows = sorted(
+        (_row(p) for p in reports.glob("*/*/run.json")), key=lambda r: r["info"].get("started", ""), reverse=True
+    )
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["date", "experiment", "run", "status", "parameters"])
+    head += "".join(f"<th>{html.escape(k)}</th>" for k in KEY_METRICS) + "<th>notebooks</th>"
+    body = []
+    for row in rows:
+        info, rel = row["info"], row["dir"].relative_to(reports)
+        status = info.get("status", "?")
+        links = " ".join(
+            f'<a href="{html.escape(str(rel / (name + ".html")))}">{name[:2]}</a>'
+            for name in NOTEBOOKS
+            if (row["dir"] / f"{name}.html").is_file()
+        )
+        cells = [
+            info.get("started", ""),
+            info.get("experiment", ""),
+            f'<a href="{html.escape(str(rel))}/">{html.escape(info.get("run_id", ""))}</a>',
+            f'<span class="{html.escape(status)}">{html.escape(status)}</span>',
+            html.escape(" ".join([str(info.get("params_file", "")), *info.get("overrides", [])])),
+        ]
+        cells = [c if c.startswith("<") else html.escape(c) for c in cells[:2]] + cells[2:]
+        cells += [_fmt(row["metrics"].get(k)) for k in KEY_METRICS] + [links]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Workbench runs</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; font-size: 13px; }} th {{ background: #eee; }}
+.failed {{ color: #b00; font-weight: bold; }} .complete {{ color: #070; }} .running {{ color: #a60; }}
+</style></head><body>
+<h1>Workbench runs</h1>
+<p>{len(rows)} run(s). Metrics: test/val IoU at the default threshold, temperature and threshold from
+calibration, top-k precision/recall of the label-noise audit, wall time in seconds.</p>
+<table><tr>{head}</tr>
+{"".join(body)}
+</table></body></html>
+"""
+    return write_text_atomic(reports / "index.html", page)
