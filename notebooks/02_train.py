@@ -26,6 +26,8 @@ overrides: list[str] = []
 run_dir = ""
 
 # %%
+from IPython.display import display
+
 from workbench.notebook import open_run, show_figures, show_metrics
 from workbench.stages import run_training
 

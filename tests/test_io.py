@@ -25,11 +25,11 @@ def test_json_roundtrip_with_numpy(tmp_path: Path) -> None:
 
 
 def test_read_json_errors_name_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="x.json"):
+    with pytest.raises(FileNotFoundError, match=r"x\.json"):
         read_json(tmp_path / "x.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
-    with pytest.raises(ValueError, match="bad.json"):
+    with pytest.raises(ValueError, match=r"bad\.json"):
         read_json(bad)
 
 

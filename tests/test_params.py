@@ -69,7 +69,7 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
 def test_apply_overrides_refuses_value_as_section() -> None:
     with pytest.raises(ParamsError, match="is a value"):
         apply_overrides({"seed": 1}, ["seed.x=2"])
-    with pytest.raises(ParamsError, match="section.key=value"):
+    with pytest.raises(ParamsError, match=r"section\.key=value"):
         apply_overrides({}, ["novalue"])
 
 

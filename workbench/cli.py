@@ -5,19 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
-
-
-def _parse_options(items: list[str] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--option {item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
-    return options
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from workbench.data.ingest import ingest
+    from workbench.data.ingest import ingest, parse_options
 
     report = ingest(
         args.format,
@@ -51,7 +40,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         chip_size=args.chip_size,
         stride=args.stride,
         overwrite=args.overwrite,
-        **_parse_options(args.option),
+        **parse_options(args.option or []),
     )
     print(report)
     return 0
@@ -97,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="execute the notebooks of a run with papermill")
     run.add_argument("params", help="parameter file, e.g. params/demo.yaml")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_epochs=2")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_epochs=2"
+    )
     run.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     run.add_argument("--seeds", type=int, nargs="+", help="run once per seed and summarise mean ± std")
     run.add_argument("--notebooks", nargs="+", help="run only these notebooks (names without .py)")

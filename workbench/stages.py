@@ -69,7 +69,12 @@ def run_data_audit(params: Params, run_dir: Path) -> StageResult:
     leakage = leakage_report(catalog[catalog["split"] != "buffer"])
     result.tables.update(split_summary=split_summary, region_summary=region_summary, leakage=leakage)
     _save(class_balance_bar(catalog), run_dir, "class_balance", result)
-    _save(split_map_static(catalog["lat"], catalog["lon"], catalog["split"]), run_dir, "split_map", result)
+    _save(
+        split_map_static(catalog["lat"].to_numpy(), catalog["lon"].to_numpy(), catalog["split"].to_numpy()),
+        run_dir,
+        "split_map",
+        result,
+    )
     metrics: dict[str, Any] = {"data.n_chips": len(catalog), "data.bands": len(prepared.bands)}
     for split, row in split_summary.iterrows():
         metrics[f"data.{split}_chips"] = int(row["chips"])
@@ -207,15 +212,16 @@ def run_calibration(params: Params, run_dir: Path) -> StageResult:
     hist, _, _, by_region = _histogram_and_sample(params, run_dir, cfg.split, temperature)
     choice = choose_threshold(
         hist,
-        rule=cfg.threshold_rule if cfg.threshold_rule != "fixed" else "fixed",
+        rule=cfg.threshold_rule,
         target_precision=cfg.target_precision,
         thresholds=np.asarray(params.evaluate.sweep_thresholds),
+        fixed_threshold=params.evaluate.threshold,
     )
-    if cfg.threshold_rule == "fixed":
-        choice["threshold"] = params.evaluate.threshold
     region_thresholds = (
         choose_thresholds_by_group(
-            by_region, rule=cfg.threshold_rule, target_precision=cfg.target_precision,
+            by_region,
+            rule=cfg.threshold_rule,
+            target_precision=cfg.target_precision,
             thresholds=np.asarray(params.evaluate.sweep_thresholds),
         )
         if cfg.per_region
@@ -257,9 +263,11 @@ def run_calibration(params: Params, run_dir: Path) -> StageResult:
     metrics.update({f"test.calibrated_{k}": v for k, v in test_metrics.items() if isinstance(v, float)})
     write_stage_metrics(run_dir, "calibration", metrics)
     result.metrics = metrics
-    result.tables.update(threshold_sweep=sweep, per_region=pd.DataFrame(per_region).T, worst_chips=(
-        test_table.dropna(subset=["iou"]).nsmallest(10, "iou")
-    ))
+    result.tables.update(
+        threshold_sweep=sweep,
+        per_region=pd.DataFrame(per_region).T,
+        worst_chips=(test_table.dropna(subset=["iou"]).nsmallest(10, "iou")),
+    )
     return result
 
 
@@ -291,7 +299,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
                 prepared.store, load_predictions(run_dir, split), prepared.bands
             ):
                 yield ReviewChip(
-                    row=catalog.iloc[index],
+                    row={str(k): v for k, v in catalog.iloc[index].items()},
                     image=image,
                     band_names=prepared.bands,
                     label=label,
@@ -299,7 +307,9 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
                     prob=sigmoid(logit / temperature),
                 )
 
-    table = review_table(chips(), cfg, threshold=threshold)
+    table = review_table(
+        chips(), cfg, threshold=threshold, green=params.data.green_band, swir=params.data.swir_band, progress=False
+    )
     buffer = table.to_parquet(index=False)
     assert buffer is not None
     write_bytes_atomic(run_dir / DIAGNOSTICS / "review.parquet", buffer)
@@ -308,7 +318,9 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     if "noisy" in table:
         k = cfg.top_k or max(int(table["noisy"].sum()), 1)
         scores = top_k_scores(table, k)
-        metrics.update({"audit.k": k, "audit.top_k_precision": scores["precision"], "audit.top_k_recall": scores["recall"]})
+        metrics.update(
+            {"audit.k": k, "audit.top_k_precision": scores["precision"], "audit.top_k_recall": scores["recall"]}
+        )
     top = table.nsmallest(cfg.n_figures, "rank")
     wanted = set(top["chip_id"])
     for chip in chips():
@@ -320,9 +332,16 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
             f"{row['lat']:.4f}N {row['lon']:.4f}E · score {row['score']:.2f}"
         )
         fig = four_panel(
-            chip.image, chip.band_names, chip.label, chip.prob, chip.valid, title,
-            water_threshold=cfg.water_index_threshold, threshold=threshold,
-            green=params.data.green_band, swir=params.data.swir_band,
+            chip.image,
+            chip.band_names,
+            chip.label,
+            chip.prob,
+            chip.valid,
+            title,
+            water_threshold=cfg.water_index_threshold,
+            threshold=threshold,
+            green=params.data.green_band,
+            swir=params.data.swir_band,
         )
         name = Path(four_panel_filename(int(row["year"]), float(row["lat"]), float(row["lon"]))).stem
         _save(fig, run_dir, f"review/{int(row['rank']):02d}_{name}", result)

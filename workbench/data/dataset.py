@@ -14,10 +14,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from workbench.data.store import IGNORE_INDEX, read_store_meta
+from workbench.data.store import IGNORE_INDEX, ChipReader, read_store_meta
 
 Sample = dict[str, Any]
 
@@ -69,17 +68,18 @@ class ChipDataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _arrays(self) -> Any:
+    def _readers(self) -> dict[str, ChipReader]:
         if self._group is None:
-            self._group = zarr.open_group(str(self.store / "chips.zarr"), mode="r")
-        return self._group
+            self._group = {name: ChipReader(self.store, name) for name in ("image", "label", "valid")}
+        readers: dict[str, ChipReader] = self._group
+        return readers
 
     def read_raw(self, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw image (selected bands), label and valid mask of the chip at dataset position `position`."""
         chip = int(self.indices[position])
-        group = self._arrays()
-        image = np.asarray(group["image"][chip])[self.band_index]
-        return image.astype(np.float32), np.asarray(group["label"][chip]), np.asarray(group["valid"][chip], dtype=bool)
+        readers = self._readers()
+        image = readers["image"].read(chip)[self.band_index]
+        return image.astype(np.float32), readers["label"].read(chip), readers["valid"].read(chip).astype(bool)
 
     def __getitem__(self, position: int) -> Sample:
         image, label, valid = self.read_raw(position)
@@ -96,7 +96,9 @@ class ChipDataset(Dataset[Sample]):
         }
         sample["target"] = target_from_label(sample["label"])
         if self.augment is not None:
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(self.indices[position]))) % 2**63)
+            generator = torch.Generator().manual_seed(
+                hash((self.seed, self.epoch, int(self.indices[position]))) % 2**63
+            )
             sample = self.augment(sample, generator)
         return sample
 
@@ -201,5 +203,6 @@ class ChipDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
         if self.batch_augment is not None and self.trainer is not None and self.trainer.training:
-            batch = self.batch_augment(batch)
+            step = self.trainer.global_step
+            batch = self.batch_augment(batch, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
         return batch

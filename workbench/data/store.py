@@ -202,7 +202,8 @@ class StoreWriter:
                 modality=("band", np.array([b.modality for b in self.bands], dtype=object)),
                 optical=("band", [b.optical for b in self.bands]),
             )
-            encoding = {name: {"chunks": (1, *ds[name].shape[1:])} for name in data_vars}
+            # Uncompressed per-chip chunks: a chip is one contiguous file that ChipReader maps directly.
+            encoding = {name: {"chunks": (1, *ds[name].shape[1:]), "compressors": None} for name in data_vars}
             encoding["chip_id"] = {"chunks": (4096,)}
             ds.to_zarr(target, mode="w", consolidated=False, encoding=encoding)
         else:
@@ -290,3 +291,59 @@ def write_catalog(path: str | Path, catalog: pd.DataFrame) -> None:
     buffer = catalog.to_parquet(index=False)
     assert buffer is not None
     write_bytes_atomic(path / "catalog.parquet", buffer)
+
+
+class ChipReader:
+    """Read whole chips of one store array (image, label, valid, ...) by chip position.
+
+    Stores written by StoreWriter keep each chip of each array in one uncompressed chunk file, so a
+    chip is read with a single file read and no decoding; other Zarr layouts (compressed, rechunked)
+    go through zarr-python. Either way only the requested chips are touched.
+    """
+
+    def __init__(self, store: str | Path, name: str) -> None:
+        self.path = Path(store) / "chips.zarr" / name
+        meta_file = self.path / "zarr.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} is missing; {store} is not a complete chip store")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        self.shape = tuple(meta["shape"])
+        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = meta.get("codecs", [])
+        key = meta.get("chunk_key_encoding", {})
+        self.direct = (
+            chunks == (1, *self.shape[1:])
+            and len(codecs) == 1
+            and codecs[0]["name"] == "bytes"
+            and key.get("name") == "default"
+            and key.get("configuration", {}).get("separator", "/") == "/"
+            and meta["data_type"] in {"float32", "float64", "uint8", "uint16", "int16", "int32", "bool"}
+        )
+        endian = "<" if not codecs or codecs[0].get("configuration", {}).get("endian", "little") == "little" else ">"
+        self.dtype = np.dtype(bool) if meta["data_type"] == "bool" else np.dtype(meta["data_type"]).newbyteorder(endian)
+        self.fill = meta.get("fill_value")
+        self._tail = "/".join("0" for _ in self.shape[1:])
+        self._array: Any = None
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def read(self, chip: int) -> np.ndarray:
+        """The array of one chip (shape without the chip dimension)."""
+        if not 0 <= chip < self.shape[0]:
+            raise IndexError(f"chip {chip} is outside {self.path} (0..{self.shape[0] - 1})")
+        if not self.direct:
+            if self._array is None:
+                import zarr
+
+                self._array = zarr.open_array(str(self.path), mode="r")
+            return np.asarray(self._array[chip])
+        file = self.path / "c" / str(chip) / self._tail if self._tail else self.path / "c" / str(chip)
+        if not file.is_file():  # a chunk never written holds the fill value
+            return np.full(self.shape[1:], self.fill if self.fill not in (None, "NaN") else np.nan, dtype=self.dtype)
+        data = np.frombuffer(file.read_bytes(), dtype=self.dtype)
+        if data.size != int(np.prod(self.shape[1:])):
+            raise StoreError(
+                f"{file} holds {data.size} values, expected {int(np.prod(self.shape[1:]))}; rewrite the store"
+            )
+        return data.reshape(self.shape[1:])

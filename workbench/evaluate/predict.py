@@ -127,7 +127,9 @@ def per_chip_table(
     for index, image, label, valid, logit in iter_split_chips(store, predictions, bands):
         prob = sigmoid(logit / temperature)
         counts = chip_counts(prob, label, valid, threshold)
-        row: dict[str, Any] = catalog.iloc[index][["chip_id", "region", "year", "lat", "lon", "split"]].to_dict()
+        row: dict[str, Any] = {
+            str(k): v for k, v in catalog.iloc[index][["chip_id", "region", "year", "lat", "lon", "split"]].items()
+        }
         row["store_index"] = index
         row.update(counts)
         row["label_pixels"] = counts["tp"] + counts["fn"]

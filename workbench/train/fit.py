@@ -49,18 +49,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def data_pos_weight(params: Params, prepared: PreparedData) -> float | None:
-    """Positive weight from train-split label counts, when a loss term asks for pos_weight='data'."""
-    terms = [term for term in params.train.loss if term.pos_weight == "data"]
-    if not terms:
-        return None
-    from workbench.train.losses import pos_weight_from_counts
+    """Raw negative:positive pixel ratio of the train split, for loss terms with pos_weight='data'.
 
+    Each term applies its own weighting (linear / sqrt / log) and cap to this ratio.
+    """
+    if not any(term.pos_weight == "data" or term.class_weighting != "none" for term in params.train.loss):
+        return None
     train = prepared.catalog[prepared.catalog["split"] == "train"]
-    fraction = train["positive_fraction"] * train.get("valid_fraction", 1.0)
-    n_pos = float(fraction.sum())
-    n_valid = float(train.get("valid_fraction", 1.0).sum()) if "valid_fraction" in train else float(len(train))
-    term = terms[0]
-    return float(pos_weight_from_counts(n_pos, n_valid - n_pos, cap=term.pos_weight_max, weighting="linear"))
+    valid = train["valid_fraction"].to_numpy() if "valid_fraction" in train else np.ones(len(train))
+    n_pos = float((train["positive_fraction"].to_numpy() * valid).sum())
+    n_valid = float(valid.sum())
+    return (n_valid - n_pos) / n_pos if n_pos > 0 else float("inf")
 
 
 def build_datamodule(params: Params, prepared: PreparedData) -> Any:
@@ -126,11 +125,9 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
 
         callbacks.append(build_swa_callback(cfg.swa, cfg.max_epochs))
     if cfg.swa.soup_snapshots:
-        from workbench.train.ema import SnapshotCallback
+        from workbench.train.ema import build_snapshot_callback
 
-        start = int(cfg.swa.start_fraction * cfg.max_epochs)
-        epochs = np.unique(np.linspace(start, cfg.max_epochs - 1, cfg.swa.soup_snapshots).round().astype(int))
-        callbacks.append(SnapshotCallback(epochs=[int(e) for e in epochs], directory=run_dir / "snapshots"))
+        callbacks.append(build_snapshot_callback(cfg.swa, cfg.max_epochs, run_dir / "snapshots"))
     if cfg.early_stopping.enabled:
         callbacks.append(GatedEarlyStopping(cfg.early_stopping))
     return callbacks
@@ -199,7 +196,7 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
         failure_dir=str(run_dir / "failures"),
     )
     if params.train.compile:
-        task.model = torch.compile(task.model)
+        task.model = torch.compile(task.model)  # type: ignore[assignment]
     return task
 
 
@@ -220,6 +217,7 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
         "train.seconds": seconds,
         "train.epochs": trainer.current_epoch,
         "train.steps": trainer.global_step,
+        "train.data_pos_weight": task.hparams["data_pos_weight"],
     }
     for key, value in trainer.callback_metrics.items():
         if key.startswith(("val/", "train/")):
@@ -233,16 +231,15 @@ def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_di
     """Save the final weights (EMA weights when EMA is on, a soup when snapshots were taken) as a bundle."""
     from workbench.data.store import read_store_meta
     from workbench.models.bundle import save_bundle
+    from workbench.train.ema import EMACallback, SnapshotCallback, soup_from_directory
 
-    model = task.model
-    model = getattr(model, "_orig_mod", model)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     for callback in callbacks:
-        if hasattr(callback, "final_state_dict"):
-            final = callback.final_state_dict(model)
-            if final is not None:
-                state = final
-    model.load_state_dict(state)
+        if isinstance(callback, EMACallback) and callback.ema.initialized:
+            callback.ema.swap_in(task)  # keep the averaged weights: they were the ones validated
+    for callback in callbacks:
+        if isinstance(callback, SnapshotCallback) and callback.saved:
+            task.load_state_dict(soup_from_directory(callback.directory))
+    model = getattr(task.model, "_orig_mod", task.model)
     meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
     model_dir = run_dir / "model"
     save_bundle(

@@ -27,6 +27,8 @@ class NonFiniteLossError(RuntimeError):
 class PixelCounts(nn.Module):
     """Pooled confusion counts over valid pixels at a fixed threshold (a tiny metric state)."""
 
+    counts: torch.Tensor
+
     def __init__(self, threshold: float = 0.5) -> None:
         super().__init__()
         self.threshold = threshold
@@ -94,7 +96,7 @@ class SegmentationTask(L.LightningModule):
 
     def configure_metrics(self) -> None:
         """One pixel counter per stage (pooled IoU, F1, precision, recall at 0.5)."""
-        self.stage_counts = nn.ModuleDict({stage: PixelCounts() for stage in ("train", "val", "test")})
+        self.stage_counts = nn.ModuleDict({f"{stage}_pixels": PixelCounts() for stage in ("train", "val", "test")})
 
     # forward / steps ----------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,9 @@ class SegmentationTask(L.LightningModule):
                 f"chip ids saved to {self.failure_dir}/nonfinite_batch.json (lower the learning rate, "
                 "use bf16 instead of fp16, or check those chips for bad values)"
             )
-        self.stage_counts[stage].update(logits, batch["target"], mask)
+        counter = self.stage_counts[f"{stage}_pixels"]
+        assert isinstance(counter, PixelCounts)
+        counter.update(logits, batch["target"], mask)
         batch_size = batch["image"].shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size, sync_dist=stage != "train")
         for name, value in parts.items():
@@ -138,9 +142,12 @@ class SegmentationTask(L.LightningModule):
         self._shared_step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        counter = self.stage_counts[stage]
+        counter = self.stage_counts[f"{stage}_pixels"]
+        assert isinstance(counter, PixelCounts)
         if self.trainer.world_size > 1:
-            counter.counts = self.all_gather(counter.counts).reshape(-1, 4).sum(0)
+            gathered = self.all_gather(counter.counts)
+            assert isinstance(gathered, torch.Tensor)
+            counter.counts = gathered.reshape(-1, 4).sum(0)
         for name, value in counter.compute().items():
             if not math.isnan(value):
                 self.log(f"{stage}/{name}", value, prog_bar=name == "iou" and stage != "train", rank_zero_only=True)

@@ -1,0 +1,79 @@
+"""The whole demo pipeline with tiny parameters: report files, metrics keys, four-panel figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+from workbench.pipeline import NOTEBOOKS, PipelineError, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "params" / "demo.yaml"
+
+
+def tiny(tmp_path: Path) -> list[str]:
+    """Seconds of training on a small synthetic store."""
+    return [
+        f"data.store={tmp_path / 'store'}",
+        "data.synthetic.n_chips=96",
+        "data.synthetic.chip_size=32",
+        "data.batch_size=16",
+        "train.max_epochs=2",
+        "train.progress_bar=false",
+        "model.decoder_channels=[32, 16, 16, 8, 8]",
+        "review.n_figures=3",
+    ]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_writes_complete_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run_pipeline(DEMO, tiny(tmp_path), reports=tmp_path / "reports", progress=False)
+    run_dir = result.run_dir
+    assert result.status == "complete"
+    assert run_dir.parent == tmp_path / "reports" / "demo"
+    for name in NOTEBOOKS:
+        notebook = nbformat.read(run_dir / f"{name}.ipynb", as_version=4)
+        injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and str(run_dir) in injected[0].source
+        assert (run_dir / f"{name}.html").stat().st_size > 10_000
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test.iou", "val.iou", "calibration.temperature", "audit.top_k_precision", "audit.top_k_recall"):
+        assert key in metrics and np.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["test.iou"] <= 1.0
+    assert metrics["calibration.temperature"] > 0
+    assert metrics["wall_seconds"] > 0
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "complete" and set(run["notebooks"]) == set(NOTEBOOKS)
+    for name in ("model.pt", "normalization_stats.json", "calibration.json"):
+        assert (run_dir / "model" / name).is_file()
+    assert (run_dir / "diagnostics" / "per_chip_test.parquet").is_file()
+    panels = sorted((run_dir / "figures" / "review").glob("*.png"))
+    assert len(panels) == 3
+    with Image.open(panels[0]) as image:
+        width, height = image.size
+    assert width > 2.5 * height  # four panels side by side
+    index = (tmp_path / "reports" / "index.html").read_text()
+    assert run_dir.name in index and "complete" in index
+
+
+@pytest.mark.slow
+def test_failing_cell_fails_run_and_keeps_partial_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    overrides = [*tiny(tmp_path), "model.architecture=NoSuchNet"]
+    with pytest.raises(PipelineError, match=r"02_train failed in cell") as info:
+        run_pipeline(DEMO, overrides, reports=tmp_path / "reports", progress=False)
+    assert "NoSuchNet" in str(info.value)
+    run_dir = next((tmp_path / "reports" / "demo").iterdir())
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "failed"
+    assert run["notebooks"]["01_data_audit"]["status"] == "ok"
+    assert run["notebooks"]["02_train"]["status"] == "failed"
+    assert (run_dir / "02_train.ipynb").is_file() and (run_dir / "02_train.html").is_file()
+    assert not (run_dir / "03_calibrate.ipynb").exists()
+    assert "failed" in (tmp_path / "reports" / "index.html").read_text()

@@ -1,0 +1,50 @@
+"""Benchmarks: speed and memory goals measured side by side in one run, written under reports/bench/."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from workbench.io import write_json_atomic
+
+
+def _data(quick: bool) -> dict[str, Any]:
+    from workbench.bench.data import bench_store_vs_hdf5
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if quick:
+            return bench_store_vs_hdf5(Path(tmp), n_chips=32, batch_size=4, n_batches=4)
+        return bench_store_vs_hdf5(Path(tmp))
+
+
+def _train(quick: bool) -> dict[str, Any]:
+    from workbench.bench.train import bench_train
+
+    if quick:
+        return bench_train(n_chips=8, size=32, batch_size=4, steps=3, warmup=1)
+    return bench_train()
+
+
+def _infer(quick: bool) -> dict[str, Any]:
+    from workbench.bench.infer import bench_infer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return bench_infer(Path(tmp), quick=quick)
+
+
+BENCHMARKS = {"data": _data, "train": _train, "infer": _infer}
+
+
+def run_benchmark(what: str, reports: Path, quick: bool = False) -> Path:
+    """Run one benchmark (or `all`) and write its results as JSON under `<reports>/bench/`."""
+    names = list(BENCHMARKS) if what == "all" else [what]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown}; choose from {[*BENCHMARKS, 'all']}")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    results = {"started": stamp, "quick": quick}
+    for name in names:
+        results[name] = BENCHMARKS[name](quick)
+    return write_json_atomic(Path(reports) / "bench" / f"{what}-{stamp}.json", results)

@@ -1,0 +1,161 @@
+"""Ingest an external Earth-observation data set into a chip store.
+
+>>> report = ingest("landslide4sense", Path("Landslide4Sense"), Path("data-cache/l4s"))  # doctest: +SKIP
+>>> report.n_chips, report.unpaired[:1]                                                   # doctest: +SKIP
+
+The store is written into a temporary folder and renamed when complete, so a failure never leaves a
+half-written store. Chips without a single valid pixel are skipped and listed in the report (and in the
+store's attributes); files a reader could not pair are listed too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from workbench.data.sources import Source
+from workbench.data.sources.cloud38 import read_cloud38
+from workbench.data.sources.cryosentinel import read_cryosentinel
+from workbench.data.sources.geotiff import read_geotiff
+from workbench.data.sources.landslide4sense import read_landslide4sense
+from workbench.data.sources.npz import read_npz, read_ukis_csmask
+from workbench.data.sources.sen1floods11 import read_sen1floods11
+from workbench.data.sources.terramesh import read_terramesh
+from workbench.data.sources.vector import read_vector
+from workbench.data.store import Chip, StoreWriter
+
+Reader = Callable[..., Source]
+
+FORMATS: dict[str, Reader] = {
+    "landslide4sense": read_landslide4sense,
+    "cloud38": read_cloud38,
+    "sen1floods11": read_sen1floods11,
+    "terramesh": read_terramesh,
+    "cryosentinel": read_cryosentinel,
+    "npz": read_npz,
+    "ukis-csmask": read_ukis_csmask,
+    "geotiff": read_geotiff,
+    "vector": read_vector,
+}
+
+
+class UnknownFormatError(ValueError):
+    """The requested input format has no reader."""
+
+
+@dataclass
+class IngestReport:
+    """What an ingest wrote and what it left out."""
+
+    n_chips: int
+    dest: Path
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (chip id, reason naming its file)
+    unpaired: list[str] = field(default_factory=list)  # files without their partner, with the reason
+    format: str = ""
+
+    def summary(self) -> str:
+        """One line for the command line."""
+        return (
+            f"{self.n_chips} chips from {self.format} written to {self.dest}; "
+            f"{len(self.skipped)} skipped (no valid pixel), {len(self.unpaired)} unpaired file(s)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["dest"] = str(self.dest)
+        data["skipped"] = [list(item) for item in self.skipped]
+        return data
+
+
+def get_reader(format: str) -> Reader:
+    """The reader for a format name, or an error listing the valid names."""
+    try:
+        return FORMATS[format]
+    except KeyError:
+        raise UnknownFormatError(f"unknown format {format!r}; valid formats: {', '.join(sorted(FORMATS))}") from None
+
+
+def reader_options(format: str) -> dict[str, Any]:
+    """The options a format accepts (beyond src, chip_size and stride) with their defaults."""
+    parameters = inspect.signature(get_reader(format)).parameters
+    return {name: p.default for name, p in parameters.items() if name not in ("src", "chip_size", "stride")}
+
+
+def check_options(format: str, options: dict[str, Any]) -> None:
+    """Raise when an option is not one the format's reader accepts, listing the accepted ones."""
+    accepted = reader_options(format)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"format {format!r} has no option(s) {unknown}; accepted: {sorted(accepted) or 'none'}")
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line, the value parsed as YAML (so 3, true, [a, b], {4: 1} keep their types)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"an option must look like key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def parse_options(items: Iterable[str]) -> dict[str, Any]:
+    """Several `key=value` options as a dict."""
+    return dict(parse_option(item) for item in items)
+
+
+def skip_reason(chip: Chip) -> str | None:
+    """Why a chip cannot be stored (no valid pixel), naming the file it came from; None when it is fine."""
+    if np.asarray(chip.valid, dtype=bool).any():
+        return None
+    origin = chip.extra.get("file", "?")
+    return f"{origin}: chip {chip.chip_id!r} has no valid pixel (every pixel is nodata: NaN/Inf or a fill value)"
+
+
+def ingest(
+    format: str,
+    src: Path,
+    dest: Path,
+    chip_size: int | None = None,
+    stride: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> IngestReport:
+    """Read `src` in the given format and write its chips to a new store at `dest`.
+
+    `chip_size`/`stride` tile rasters larger than a chip (default: one chip per file, stride = chip_size).
+    `options` are the reader's keyword options (see `reader_options(format)`); values may be the
+    YAML-parsed strings of `--option key=value`.
+    """
+    reader = get_reader(format)
+    check_options(format, options)
+    src, dest = Path(src), Path(dest)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist; expected the {format} data")
+    if stride is not None and chip_size is None:
+        raise ValueError("a stride needs a chip_size")
+    source = reader(src, chip_size=chip_size, stride=stride, **options)
+    skipped: list[tuple[str, str]] = []
+    attrs = {"format": format, "src": str(src), "chip_size": chip_size, "stride": stride, **source.attrs}
+    with StoreWriter(dest, source.bands, source=format, attrs=attrs, overwrite=overwrite) as writer:
+        chips = tqdm(source.chips, total=source.total, desc=f"ingest {format}", unit="chip", disable=not progress)
+        written = 0
+        for chip in chips:
+            reason = skip_reason(chip)
+            if reason is not None:
+                skipped.append((chip.chip_id, reason))
+                continue
+            writer.append(chip)
+            written += 1
+        if written == 0:
+            reasons = [reason for _, reason in skipped[:3]] + source.unpaired[:3]
+            raise ValueError(f"no chip of {src} could be stored: {reasons}")
+        writer.attrs.update({"skipped": [list(item) for item in skipped], "unpaired": list(source.unpaired)})
+    return IngestReport(written, dest, skipped, list(source.unpaired), format)

@@ -1,0 +1,237 @@
+"""The saved-model directory ("model dir") shared by training, evaluation and inference.
+
+Layout::
+
+    model_dir/model.pt                  {"format": 1, "state_dict", "model_params", "bands", "modalities"}
+    model_dir/normalization_stats.json  the train-split statistics, applied identically at inference
+    model_dir/calibration.json          optional: {"temperature": T, "threshold": t, ...}
+
+Keeping weights, band order, normalisation and calibration together means inference cannot
+silently feed a model bands in another order or with other statistics than it was trained on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.data.normalize import NormalizationStats
+from workbench.io import read_json, write_bytes_atomic, write_json_atomic
+from workbench.params import ModelParams
+
+BUNDLE_FORMAT = 1
+MODEL_FILE = "model.pt"
+STATS_FILE = "normalization_stats.json"
+CALIBRATION_FILE = "calibration.json"
+_REQUIRED_KEYS = ("format", "state_dict", "model_params", "bands", "modalities")
+
+BuildModel = Callable[[ModelParams, int], nn.Module]
+
+
+class BandMismatchError(ValueError):
+    """An input's bands differ from the bands a model was trained on."""
+
+
+@dataclass
+class ModelBundle:
+    """A trained model ready for inference, with everything needed to feed it correctly."""
+
+    model: nn.Module
+    model_params: ModelParams
+    bands: list[str]
+    modalities: list[str]
+    normalization: NormalizationStats  # train-split statistics of exactly `bands`, in that order
+    temperature: float = 1.0
+    threshold: float = 0.5
+    calibration: dict[str, Any] = field(default_factory=dict)
+    model_dir: Path | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.bands)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model_params.num_classes
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copy of the weights, without the `_orig_mod.` prefix that torch.compile adds."""
+    prefix = "_orig_mod."
+    return {
+        (key[len(prefix) :] if key.startswith(prefix) else key): value.detach().cpu()
+        for key, value in model.state_dict().items()
+    }
+
+
+def _normalization_stats(normalization: str | Path | NormalizationStats) -> NormalizationStats:
+    """Statistics given as an object or as a normalization_stats.json file (validated on reading)."""
+    if isinstance(normalization, NormalizationStats):
+        return normalization
+    if isinstance(normalization, str | Path):
+        source = Path(normalization)
+        if not source.exists():
+            raise FileNotFoundError(
+                f"normalisation statistics {source} do not exist; compute them on the train split first"
+            )
+        return NormalizationStats.load(source)
+    raise TypeError(f"normalization must be a NormalizationStats or a path, got {type(normalization).__name__}")
+
+
+def save_bundle(
+    model_dir: str | Path,
+    model: nn.Module,
+    model_params: ModelParams,
+    bands: Sequence[str],
+    modalities: Sequence[str],
+    normalization: str | Path | NormalizationStats,
+    calibration: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model dir (each file atomically) and return its path.
+
+    The normalisation statistics are stored for exactly `bands`, in that order.
+    """
+    bands, modalities = list(bands), list(modalities)
+    if len(bands) != len(modalities):
+        raise ValueError(f"got {len(bands)} bands but {len(modalities)} modalities; give one modality per band")
+    if len(set(bands)) != len(bands):
+        raise ValueError(f"band names must be unique, got {bands}")
+    directory = Path(model_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": BUNDLE_FORMAT,
+        "state_dict": _plain_state_dict(model),
+        "model_params": model_params.model_dump(mode="json"),
+        "bands": bands,
+        "modalities": modalities,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(directory / MODEL_FILE, buffer.getvalue())
+    _normalization_stats(normalization).select(bands).save(directory / STATS_FILE)
+    if calibration is not None:
+        write_calibration(directory, calibration)
+    return directory
+
+
+def write_calibration(model_dir: str | Path, calibration: dict[str, Any]) -> Path:
+    """Write calibration.json (temperature and threshold are validated first)."""
+    _check_calibration(calibration, Path(model_dir) / CALIBRATION_FILE)
+    return write_json_atomic(Path(model_dir) / CALIBRATION_FILE, calibration)
+
+
+def _check_calibration(calibration: dict[str, Any], source: Path) -> tuple[float, float]:
+    temperature = float(calibration.get("temperature", 1.0))
+    threshold = float(calibration.get("threshold", 0.5))
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{source}: temperature must be a positive number, got {temperature}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"{source}: threshold must lie strictly between 0 and 1, got {threshold}")
+    return temperature, threshold
+
+
+def _require(path: Path, how: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {how}")
+    return path
+
+
+def _build_from_factory(params: ModelParams, bands: list[str], modalities: list[str]) -> nn.Module:
+    """The workbench's own model factory, told the band names and modalities (late fusion and TerraMind use them)."""
+    from workbench.models.factory import build_model
+
+    return build_model(params, len(bands), band_names=bands, modalities=modalities)
+
+
+def _load_payload(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable model file: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} holds {type(payload).__name__}; expected a dict written by save_bundle")
+    missing = [key for key in _REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise ValueError(f"{path} lacks keys {missing}; re-save it with workbench.models.bundle.save_bundle")
+    if payload["format"] != BUNDLE_FORMAT:
+        raise ValueError(f"{path} has format {payload['format']!r}; this version reads format {BUNDLE_FORMAT}")
+    return payload
+
+
+def load_bundle(model_dir: str | Path, build_model: BuildModel | None = None) -> ModelBundle:
+    """Read a model dir: rebuild the model (eval mode), its bands, normalisation and calibration."""
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist; train a model to create it")
+    model_path = _require(directory / MODEL_FILE, "train a model (workbench train) or write one with save_bundle")
+    stats_path = _require(
+        directory / STATS_FILE, "save the train-split normalisation statistics there (save_bundle does this)"
+    )
+    payload = _load_payload(model_path)
+    params = ModelParams.model_validate(payload["model_params"])
+    bands = [str(band) for band in payload["bands"]]
+    try:
+        normalization = NormalizationStats.load(stats_path).select(bands)
+    except ValueError as exc:
+        raise ValueError(f"{stats_path} does not fit the model's bands {bands}: {exc}") from exc
+    modalities = [str(m) for m in payload["modalities"]]
+    build = build_model or (lambda p, _: _build_from_factory(p, bands, modalities))
+    model = build(params, len(bands))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{model_path}: weights do not fit the model described by its model_params: {exc}") from exc
+    model.eval()
+    calibration: dict[str, Any] = {}
+    temperature, threshold = 1.0, 0.5
+    calibration_path = directory / CALIBRATION_FILE
+    if calibration_path.is_file():
+        calibration = read_json(calibration_path)
+        if not isinstance(calibration, dict):
+            raise ValueError(f"{calibration_path} must hold a JSON object with temperature and threshold")
+        temperature, threshold = _check_calibration(calibration, calibration_path)
+    return ModelBundle(
+        model=model,
+        model_params=params,
+        bands=bands,
+        modalities=modalities,
+        normalization=normalization,
+        temperature=temperature,
+        threshold=threshold,
+        calibration=calibration,
+        model_dir=directory,
+    )
+
+
+def describe_band_mismatch(expected: Sequence[str], got: Sequence[str]) -> str | None:
+    """None when the band lists are equal, else which bands are missing, extra or out of order."""
+    expected, got = list(expected), list(got)
+    if expected == got:
+        return None
+    missing = [band for band in expected if band not in got]
+    extra = [band for band in got if band not in expected]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing}")
+    if extra:
+        parts.append(f"extra {extra}")
+    if not parts:
+        parts.append("same bands in another order" if len(expected) == len(got) else "repeated bands")
+    return "; ".join(parts)
+
+
+def check_bands(bundle: ModelBundle | Sequence[str], bands: Sequence[str], source: str = "input") -> None:
+    """Raise BandMismatchError unless `bands` are exactly the model's bands in the model's order."""
+    expected = bundle.bands if isinstance(bundle, ModelBundle) else list(bundle)
+    problem = describe_band_mismatch(expected, bands)
+    if problem is not None:
+        raise BandMismatchError(
+            f"{source} has bands {list(bands)} but the model expects {list(expected)} in this order: {problem}"
+        )
