@@ -1,0 +1,86 @@
+"""Stage 4: rank chips by label suspicion and draw four-panel figures of the top-ranked ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from workbench.io import read_json
+from workbench.params import Params
+from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
+
+
+def run_review(params: Params, run_dir: Path) -> StageResult:
+    """Rank chips by label suspicion, score the ranking against injected noise, draw four-panel figures."""
+    from workbench.data.prepare import load_prepared
+    from workbench.evaluate.predict import iter_split_chips, load_predictions, sigmoid
+    from workbench.figures import four_panel, four_panel_filename
+    from workbench.io import write_bytes_atomic
+    from workbench.review import ReviewChip, prefilter_table, review_table, top_k_scores
+
+    run_dir = Path(run_dir)
+    cfg = params.review
+    prepared = load_prepared(run_dir, params.data)
+    calibration_file = run_dir / "model" / "calibration.json"
+    calibration = read_json(calibration_file) if calibration_file.is_file() else {}
+    temperature = float(calibration.get("temperature", 1.0))
+    threshold = float(calibration.get("threshold", params.evaluate.threshold))
+    catalog = prepared.catalog
+
+    def chips() -> Any:
+        for split in cfg.splits:
+            if not (catalog["split"] == split).any():
+                continue
+            for index, image, label, valid, logit in iter_split_chips(
+                prepared.store, load_predictions(run_dir, split), prepared.bands
+            ):
+                yield ReviewChip(
+                    row={str(k): v for k, v in catalog.iloc[index].items()},
+                    image=image,
+                    band_names=prepared.bands,
+                    label=label,
+                    valid=valid,
+                    prob=sigmoid(logit / temperature),
+                )
+
+    table = review_table(
+        chips(), cfg, threshold=threshold, green=params.data.green_band, swir=params.data.swir_band, progress=False
+    )
+    buffer = table.to_parquet(index=False)
+    assert buffer is not None
+    write_bytes_atomic(run_dir / DIAGNOSTICS / "review.parquet", buffer)
+    result = StageResult(tables={"ranking": table.head(25), "prefilter": prefilter_table(table)})
+    metrics: dict[str, Any] = {"audit.n_chips": len(table)}
+    if "noisy" in table:
+        k = cfg.top_k or max(int(table["noisy"].sum()), 1)
+        scores = top_k_scores(table, k)
+        metrics.update(
+            {"audit.k": k, "audit.top_k_precision": scores["precision"], "audit.top_k_recall": scores["recall"]}
+        )
+    top = table.nsmallest(cfg.n_figures, "rank")
+    wanted = set(top["chip_id"])
+    for chip in chips():
+        if chip.row["chip_id"] not in wanted:
+            continue
+        row = top[top["chip_id"] == chip.row["chip_id"]].iloc[0]
+        title = (
+            f"{row['chip_id']} · {row['region']} {int(row['year'])} · "
+            f"{row['lat']:.4f}N {row['lon']:.4f}E · score {row['score']:.2f}"
+        )
+        fig = four_panel(
+            chip.image,
+            chip.band_names,
+            chip.label,
+            chip.prob,
+            chip.valid,
+            title,
+            water_threshold=cfg.water_index_threshold,
+            threshold=threshold,
+            green=params.data.green_band,
+            swir=params.data.swir_band,
+        )
+        name = Path(four_panel_filename(int(row["year"]), float(row["lat"]), float(row["lon"]))).stem
+        save_stage_figure(fig, run_dir, f"review/{int(row['rank']):02d}_{name}", result)
+    write_stage_metrics(run_dir, "review", metrics)
+    result.metrics = metrics
+    return result
