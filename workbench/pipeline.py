@@ -79,7 +79,7 @@ def package_versions() -> dict[str, str]:
 
 def new_run_id(seed: int | None = None) -> str:
     """Sortable, unique-enough run id: UTC time plus the seed when several seeds run."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     return f"{stamp}-s{seed}" if seed is not None else stamp
 
 

@@ -1,0 +1,91 @@
+"""Pipeline pieces that need no kernel: metric merging, the runs index, multi-seed summaries, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workbench import pipeline
+from workbench.cli import main
+from workbench.io import write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_run(reports: Path, experiment: str, run_id: str, status: str, metrics: dict[str, float]) -> Path:
+    run_dir = reports / experiment / run_id
+    write_json_atomic(
+        run_dir / "run.json",
+        {"experiment": experiment, "run_id": run_id, "status": status, "started": run_id, "params_file": "p.yaml"},
+    )
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    (run_dir / "02_train.html").write_text("<html></html>")
+    return run_dir
+
+
+def test_merge_metrics_later_stages_win(tmp_path: Path) -> None:
+    write_json_atomic(tmp_path / "metrics" / "audit_data.json", {"a": 1, "shared": 1})
+    write_json_atomic(tmp_path / "metrics" / "review.json", {"b": 2, "shared": 4})
+    assert pipeline.merge_metrics(tmp_path) == {"a": 1, "shared": 4, "b": 2}
+
+
+def test_index_lists_runs_newest_first_with_status_and_links(tmp_path: Path) -> None:
+    fake_run(tmp_path, "demo", "20260101-000000", "complete", {"test.iou": 0.91234, "wall_seconds": 120.0})
+    fake_run(tmp_path, "demo", "20260102-000000", "failed", {"wall_seconds": 3.0})
+    page = pipeline.write_index(tmp_path).read_text()
+    assert page.index("20260102-000000") < page.index("20260101-000000")
+    assert '<span class="failed">failed</span>' in page and '<span class="complete">complete</span>' in page
+    assert "0.9123" in page
+    assert 'href="demo/20260101-000000/02_train.html"' in page
+
+
+def test_run_seeds_writes_mean_and_std(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def fake_pipeline(params_file, overrides, reports, run_id=None, notebooks=None, progress=True):  # type: ignore[no-untyped-def]
+        calls.append(list(overrides))
+        seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
+        return pipeline.RunResult(tmp_path / str(seed), {"test.iou": 0.8 + seed / 1000, "status_text": "x"}, "complete")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_pipeline)
+    results, table_path = pipeline.run_seeds(ROOT / "params" / "demo.yaml", [42, 43, 44], ["train.max_epochs=1"], tmp_path)
+    assert [c[-1] for c in calls] == ["seed=42", "seed=43", "seed=44"]
+    assert all("train.max_epochs=1" in c for c in calls)
+    table = pd.read_csv(table_path, index_col=0)
+    values = np.array([0.842, 0.843, 0.844])
+    assert table.loc["test.iou", "mean"] == pytest.approx(values.mean())
+    assert table.loc["test.iou", "std"] == pytest.approx(values.std(ddof=1))
+    assert len(results) == 3
+
+
+def test_cli_params_prints_resolved_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["params", str(ROOT / "params" / "demo.yaml"), "--set", "train.max_epochs=3"]) == 0
+    assert "max_epochs: 3" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_parameters_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["params", str(ROOT / "params" / "demo.yaml"), "--set", "train.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.nope" in err and "max_epochs" in err
+
+
+def test_new_run_ids_are_unique_and_sortable() -> None:
+    ids = [pipeline.new_run_id() for _ in range(5)]
+    assert len(set(ids)) == 5 and ids == sorted(ids)
+
+
+def test_run_json_records_commit_and_versions() -> None:
+    versions = pipeline.package_versions()
+    assert versions["torch"].startswith("2.1") and "python" in versions
+    assert pipeline.git_commit(ROOT) is None or len(pipeline.git_commit(ROOT) or "") == 40
+
+
+def test_index_survives_runs_without_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "x" / "r1"
+    write_json_atomic(run_dir / "run.json", {"experiment": "x", "run_id": "r1", "status": "running"})
+    assert "r1" in pipeline.write_index(tmp_path).read_text()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
