@@ -14,11 +14,14 @@
 # %% [markdown]
 # # 02 · Train
 #
-# Train the segmentation model chosen in the parameters with a Lightning task. The model card
-# below lists every optimiser group with its effective learning rate: an encoder learning rate
-# thousands of times below the decoder's silently freezes the backbone, so check it before a
-# long run. After training, every needed split is predicted once and stored under
-# `predictions/`; calibration and review read those files.
+# Train the segmentation model chosen in the parameters with a Lightning task, then predict every
+# needed split once (stored under `predictions/`; calibration and review read those files).
+#
+# The run is reproducible (seeds for Python, NumPy, torch and hashing; `train.deterministic`) and
+# resumable: `checkpoints/last.ckpt` is rewritten at every epoch end and every
+# `train.checkpoint_every_n_steps` steps, and re-running this notebook on the same run directory
+# continues from it exactly where it stopped. `model/run_info.json` records the parameters,
+# git commit and package versions the model came from.
 
 # %% tags=["parameters"]
 params_file = "../params/demo.yaml"
@@ -26,7 +29,7 @@ overrides: list[str] = []
 run_dir = ""
 
 # %%
-from IPython.display import display
+from IPython.display import Markdown, display
 
 from workbench.notebook import open_run, show_figures, show_metrics
 from workbench.stages import run_training
@@ -36,15 +39,61 @@ print(params.model.model_dump_json(indent=2))
 
 # %%
 training = run_training(params, run_path)
+
+# %% [markdown]
+# ## Data and sampler
+# Chips per split and how many of them hold the target (a chip is positive when its labelled
+# foreground fraction reaches `data.sampler.positive_threshold`). The sampler table shows what one
+# training epoch draws: for a curriculum, one row per stage, with the negatives drawn per positive.
+
+# %%
+display(training.tables["split_summary"])
+display(training.tables["sampler_composition"])
+
+# %% [markdown]
+# ## Model card
+# Parameters per part of the network, and every optimiser group with its effective learning rate.
+# An encoder learning rate thousands of times below the decoder's silently freezes the backbone,
+# so any such group is flagged below.
+
+# %%
+display(training.tables["model_parts"])
 display(training.tables["param_groups"])
 
 # %% [markdown]
-# ## Curves and scores
-# Pooled IoU over valid pixels at threshold 0.5 on the validation and test splits.
+# ## Warnings
+# Tiny learning rates, and the overfitting signs of the training curves: train loss falling while
+# validation loss rises over the last epochs, or train IoU above 0.9 with validation IoU below 0.5.
 
 # %%
-show_figures(training.figures)
+warnings = training.tables["warnings"]
+if warnings.empty:
+    display(Markdown("No warnings: learning rates and train/validation curves look consistent."))
+else:
+    display(Markdown("\n".join(f"- ⚠️ **{row.kind}**: {row.warning}" for row in warnings.itertuples())))
+
+# %% [markdown]
+# ## Curves and scores
+# Loss and IoU per epoch, then the pooled scores over valid pixels at threshold 0.5 on the
+# validation and test splits. During training, validation also logs PR-AUC at realistic chip
+# prevalences (`val/pr_auc_200` ...), which early stopping can monitor.
+
+# %%
+show_figures({"training_curves": training.figures["training_curves"]})
 show_metrics({k: v for k, v in training.metrics.items() if k.startswith(("val.", "test.", "train."))})
+
+# %% [markdown]
+# ## Predictions on validation chips
+# RGB, label and predicted probability (cyan contour at the decision threshold) for validation
+# chips from the worst to the best IoU, followed by chips without a label where the model predicts
+# the most (false alarms).
+
+# %%
+if "val_predictions" in training.figures:
+    show_figures({"val_predictions": training.figures["val_predictions"]})
+
+# %% [markdown]
+# The test chips with the lowest IoU:
 
 # %%
 display(training.tables["per_chip_test"].sort_values("iou").head(10))

@@ -369,6 +369,25 @@ def test_dask_backed_dataarray_input(model_dir: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(read(from_array.probability)[0], read(from_file.probability)[0], equal_nan=True)
 
 
+def test_distributed_client_runs_blocks_and_matches_local_run(model_dir: Path, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+
+    raster = write_raster(tmp_path / "scene.tif", blob_scene(height=600, width=300))
+    local = run_raster(model_dir, raster, tmp_path / "local", memory_limit_mb=1)
+    client = distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+    with client, distributed.get_task_stream(client) as stream:
+        remote = run_raster(model_dir, raster, tmp_path / "remote", memory_limit_mb=1)
+    block_tasks = [task for task in stream.data if "_call_job" in task["key"]]
+    assert len(block_tasks) == remote.n_blocks == local.n_blocks == 6  # every block ran on the cluster
+    np.testing.assert_array_equal(read(remote.probability)[0], read(local.probability)[0])
+    np.testing.assert_array_equal(read(remote.mask)[0], read(local.mask)[0])
+    areas = [
+        sorted(f["properties"]["area_m2"] for f in json.loads(r.polygons.read_text())["features"])
+        for r in (local, remote)
+    ]
+    assert areas[0] == areas[1] and remote.n_polygons == local.n_polygons
+
+
 def test_geographic_raster_area_matches_geodesic_area(model_dir: Path, tmp_path: Path) -> None:
     image = np.full((2, 60, 60), -6.0, np.float32)
     image[0, 20:40, 10:30] = 6.0
@@ -435,7 +454,9 @@ def test_bench_infer_smoke(tmp_path: Path) -> None:
         raster_bands=4,
         sweep_pixels=10_000,
     )
-    assert set(result) == {"sliding_window", "threshold_sweep", "large_raster"}
+    assert set(result) == {"sliding_window", "threshold_sweep", "large_raster", "summary"}
+    assert result["summary"]["raster_to_limit"] == pytest.approx(2.0, rel=0.02)  # the file is twice the limit
+    assert result["summary"]["overhead_ratio"] == result["sliding_window"]["overhead_ratio"]
     overhead = result["sliding_window"]
     assert overhead["n_windows"] == 9 and overhead["bare_forward_s"] > 0 and overhead["sliding_window_s"] > 0
     large = result["large_raster"]

@@ -52,7 +52,9 @@ def test_run_seeds_writes_mean_and_std(tmp_path: Path, monkeypatch: pytest.Monke
         return pipeline.RunResult(tmp_path / str(seed), {"test.iou": 0.8 + seed / 1000, "status_text": "x"}, "complete")
 
     monkeypatch.setattr(pipeline, "run_pipeline", fake_pipeline)
-    results, table_path = pipeline.run_seeds(ROOT / "params" / "demo.yaml", [42, 43, 44], ["train.max_epochs=1"], tmp_path)
+    results, table_path = pipeline.run_seeds(
+        ROOT / "params" / "demo.yaml", [42, 43, 44], ["train.max_epochs=1"], tmp_path
+    )
     assert [c[-1] for c in calls] == ["seed=42", "seed=43", "seed=44"]
     assert all("train.max_epochs=1" in c for c in calls)
     table = pd.read_csv(table_path, index_col=0)

@@ -433,13 +433,3 @@ def test_real_rts_multi_annotator_fractions(shared_data, tmp_path):
     with rasterio.open(image) as src:
         fractions = [rasterize_polygons(read_polygons(p, src.crs), src.shape, src.transform).mean() for p in experts]
     assert min(fractions) == pytest.approx(0.035, abs=0.01) and max(fractions) == pytest.approx(0.097, abs=0.01)
-
-
-# benchmark -------------------------------------------------------------------------------------------
-def test_bench_store_vs_hdf5_small(tmp_path):
-    from workbench.bench.data import bench_store_vs_hdf5
-
-    result = bench_store_vs_hdf5(tmp_path, n_chips=6, batch_size=3, n_batches=2)
-    for key in ("hdf5_s_per_batch", "store_s_per_batch", "store_xarray_s_per_batch", "ratio"):
-        assert result[key] > 0
-    assert result["n_chips"] == 6 and result["chip_shape"] == [14, 128, 128]

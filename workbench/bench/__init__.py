@@ -11,19 +11,23 @@ from workbench.io import write_json_atomic
 
 
 def _data(quick: bool) -> dict[str, Any]:
-    from workbench.bench.data import bench_store_vs_hdf5
+    from workbench.bench.data import bench_loader_vs_model, bench_store_vs_hdf5
 
     with tempfile.TemporaryDirectory() as tmp:
         if quick:
-            return bench_store_vs_hdf5(Path(tmp), n_chips=32, batch_size=4, n_batches=4)
-        return bench_store_vs_hdf5(Path(tmp))
+            reads = bench_store_vs_hdf5(Path(tmp), n_chips=12, batch_size=4, n_batches=3, xarray=False)
+            loader = bench_loader_vs_model(Path(tmp), sizes=(32,), batch_size=4, n_batches=2, steps=1, warmup=0)
+        else:
+            reads = bench_store_vs_hdf5(Path(tmp))
+            loader = bench_loader_vs_model(Path(tmp))
+    return {"store_vs_hdf5": reads, "loader_vs_model": loader}
 
 
 def _train(quick: bool) -> dict[str, Any]:
     from workbench.bench.train import bench_train
 
     if quick:
-        return bench_train(n_chips=8, size=32, batch_size=4, steps=3, warmup=1)
+        return bench_train(bands=4, size=32, batch_size=2, steps=2, warmup=1, repeats=1, threads=1)
     return bench_train()
 
 

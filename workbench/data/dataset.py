@@ -78,14 +78,20 @@ class ChipDataset(Dataset[Sample]):
         """Raw image (selected bands), label and valid mask of the chip at dataset position `position`."""
         chip = int(self.indices[position])
         readers = self._readers()
-        image = readers["image"].read(chip)[self.band_index]
-        return image.astype(np.float32), readers["label"].read(chip), readers["valid"].read(chip).astype(bool)
+        image = readers["image"].read(chip)  # a fresh, writable array owned by the caller
+        if self.band_index != list(range(image.shape[0])):  # copy only when a band subset or order is asked for
+            image = image[self.band_index]
+        label, valid = readers["label"].read(chip), readers["valid"].read(chip)
+        return image.astype(np.float32, copy=False), label, valid.astype(bool, copy=False)
 
     def __getitem__(self, position: int) -> Sample:
         image, label, valid = self.read_raw(position)
         if self.normalizer is not None:
             image = self.normalizer.apply(image)
-        image = np.where(valid[None], image, 0.0).astype(np.float32)
+        image = np.asarray(image, dtype=np.float32)
+        if not valid.all():
+            image = image.copy() if not image.flags.writeable else image
+            image[:, ~valid] = 0.0  # nodata carries no signal after normalisation
         label_t = torch.from_numpy(label.astype(np.int64))
         label_t[~torch.from_numpy(valid)] = IGNORE_INDEX
         sample: Sample = {

@@ -15,6 +15,7 @@ interrupted ingest never leaves a half-written store and memory stays bounded.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,8 @@ class ChipReader:
     """Read whole chips of one store array (image, label, valid, ...) by chip position.
 
     Stores written by StoreWriter keep each chip of each array in one uncompressed chunk file, so a
-    chip is read with a single file read and no decoding; other Zarr layouts (compressed, rechunked)
+    chip is read with one `readinto` straight into a fresh (or caller-given) array: one copy from the
+    page cache, no decoding, no intermediate bytes object. Other Zarr layouts (compressed, rechunked)
     go through zarr-python. Either way only the requested chips are touched.
     """
 
@@ -322,28 +324,70 @@ class ChipReader:
         endian = "<" if not codecs or codecs[0].get("configuration", {}).get("endian", "little") == "little" else ">"
         self.dtype = np.dtype(bool) if meta["data_type"] == "bool" else np.dtype(meta["data_type"]).newbyteorder(endian)
         self.fill = meta.get("fill_value")
-        self._tail = "/".join("0" for _ in self.shape[1:])
+        self.chip_shape = tuple(int(n) for n in self.shape[1:])
+        self.nbytes = int(np.prod(self.chip_shape)) * self.dtype.itemsize
+        tail = "/".join("0" for _ in self.shape[1:])
+        self._pattern = f"{self.path}/c/{{}}/{tail}" if tail else f"{self.path}/c/{{}}"
         self._array: Any = None
 
     def __len__(self) -> int:
         return int(self.shape[0])
 
-    def read(self, chip: int) -> np.ndarray:
-        """The array of one chip (shape without the chip dimension)."""
+    def chunk_file(self, chip: int) -> str:
+        """Path of the chunk file holding `chip` (direct layout only)."""
+        return self._pattern.format(chip)
+
+    def read(self, chip: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The array of one chip (shape without the chip dimension), read into `out` when given."""
         if not 0 <= chip < self.shape[0]:
             raise IndexError(f"chip {chip} is outside {self.path} (0..{self.shape[0] - 1})")
+        if out is not None and (out.shape != self.chip_shape or out.dtype != self.dtype or not out.flags.c_contiguous):
+            raise ValueError(
+                f"out must be a C-contiguous {self.dtype} array of shape {self.chip_shape} for {self.path}, "
+                f"got {out.dtype} {out.shape}"
+            )
         if not self.direct:
             if self._array is None:
                 import zarr
 
                 self._array = zarr.open_array(str(self.path), mode="r")
-            return np.asarray(self._array[chip])
-        file = self.path / "c" / str(chip) / self._tail if self._tail else self.path / "c" / str(chip)
-        if not file.is_file():  # a chunk never written holds the fill value
-            return np.full(self.shape[1:], self.fill if self.fill not in (None, "NaN") else np.nan, dtype=self.dtype)
-        data = np.frombuffer(file.read_bytes(), dtype=self.dtype)
-        if data.size != int(np.prod(self.shape[1:])):
-            raise StoreError(
-                f"{file} holds {data.size} values, expected {int(np.prod(self.shape[1:]))}; rewrite the store"
-            )
-        return data.reshape(self.shape[1:])
+            data = np.asarray(self._array[chip])
+            if out is None:
+                return data
+            out[...] = data
+            return out
+        if out is None:
+            out = np.empty(self.chip_shape, dtype=self.dtype)
+        self._read_chunk(self.chunk_file(chip), out)
+        return out
+
+    def read_batch(self, chips: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Chips stacked as (n, ...), each read straight into its slot of one batch array (no stacking copy)."""
+        chips = [int(chip) for chip in chips]
+        if out is None:
+            out = np.empty((len(chips), *self.chip_shape), dtype=self.dtype)
+        if out.shape[:1] != (len(chips),):
+            raise ValueError(f"out has room for {out.shape[:1]} chips, got {len(chips)} chips for {self.path}")
+        for slot, chip in enumerate(chips):
+            self.read(chip, out[slot])
+        return out
+
+    def _read_chunk(self, file: str, out: np.ndarray) -> None:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:  # a chunk never written holds the fill value
+            out[...] = self.fill if self.fill not in (None, "NaN") else np.nan
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size != self.nbytes:
+                raise StoreError(f"{file} holds {size} bytes, expected {self.nbytes}; rewrite the store")
+            view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            done = 0
+            while done < self.nbytes:
+                count = os.readv(fd, [view[done:]])
+                if count == 0:
+                    raise StoreError(f"{file} ended after {done} of {self.nbytes} bytes; rewrite the store")
+                done += count
+        finally:
+            os.close(fd)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
 
 from workbench.params import Params
-from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
+from workbench.stages.base import DIAGNOSTICS, FIGURES, StageResult, save_stage_figure, write_stage_metrics
+
+if TYPE_CHECKING:
+    from workbench.data.prepare import PreparedData
 
 
-def run_data_audit(params: Params, run_dir: Path) -> StageResult:
-    """Prepare the data (store, splits, normalisation) and summarise it."""
+def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progress: bool = True) -> StageResult:
+    """Prepare the data (store, splits, normalisation) and audit it (see `audit_store`).
+
+    `check_batches` training batches go through the loader check (seed 001's pre-flight check).
+    """
     from workbench.data.prepare import prepare_data
     from workbench.data.split import leakage_report
     from workbench.figures import class_balance_bar, split_map_static
@@ -30,7 +38,8 @@ def run_data_audit(params: Params, run_dir: Path) -> StageResult:
     ).round(4)
     leakage = leakage_report(catalog[catalog["split"] != "buffer"])
     result.tables.update(split_summary=split_summary, region_summary=region_summary, leakage=leakage)
-    save_stage_figure(class_balance_bar(catalog), run_dir, "class_balance", result)
+    balance = class_balance_bar(catalog, positive_threshold=params.data.sampler.positive_threshold)
+    save_stage_figure(balance, run_dir, "class_balance", result)
     save_stage_figure(
         split_map_static(catalog["lat"].to_numpy(), catalog["lon"].to_numpy(), catalog["split"].to_numpy()),
         run_dir,
@@ -45,6 +54,92 @@ def run_data_audit(params: Params, run_dir: Path) -> StageResult:
         metrics["data.min_cross_split_km"] = float(leakage["min_distance_km"].min())
     if "noisy" in catalog:
         metrics["data.noisy_chips"] = int(catalog["noisy"].sum())
+    metrics.update(audit_store(params, prepared, run_dir, result, check_batches=check_batches, progress=progress))
     write_stage_metrics(run_dir, "audit_data", metrics)
     result.metrics = metrics
     return result
+
+
+def audit_store(
+    params: Params,
+    prepared: PreparedData,
+    run_dir: Path,
+    result: StageResult,
+    check_batches: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Band statistics, nodata, class balance, water-index agreement and the loader check of a prepared run.
+
+    Adds tables and figures to `result`, writes `diagnostics/data_audit_chips.parquet` (one row per chip)
+    and `figures/split_map.html`, and returns the data.* metrics it computed.
+    """
+    from workbench.audit import (
+        agreement_scatter,
+        allowed_label_values,
+        band_histogram_figure,
+        check_data,
+        nodata_by_group,
+        nodata_figure,
+        positive_by_group,
+        positive_share_figure,
+        prefilter_dropped_fraction,
+        save_map_html,
+        scan_store,
+        split_map,
+    )
+    from workbench.data.store import read_store_meta
+    from workbench.io import write_bytes_atomic
+    from workbench.review import prefilter_table
+
+    cfg = params.data
+    store_bands = [band["name"] for band in read_store_meta(prepared.store)["bands"]]
+    scan = scan_store(
+        prepared.store,
+        prepared.catalog,
+        store_bands,
+        review=params.review,
+        green=cfg.green_band,
+        swir=cfg.swir_band,
+        allowed_labels=allowed_label_values(params.model.num_classes),
+        progress=progress,
+    )
+    chips = scan.chips
+    buffer = chips.to_parquet(index=False)
+    assert buffer is not None
+    write_bytes_atomic(Path(run_dir) / DIAGNOSTICS / "data_audit_chips.parquet", buffer)
+    nodata = nodata_by_group(chips)
+    positive = positive_by_group(chips, threshold=cfg.sampler.positive_threshold)
+    result.tables.update(band_stats=scan.band_stats, nodata=nodata, positive_by_split_region=positive)
+    save_stage_figure(
+        band_histogram_figure(scan.sample, store_bands, scan.band_stats), run_dir, "band_histograms", result
+    )
+    save_stage_figure(nodata_figure(chips, nodata), run_dir, "nodata", result)
+    save_stage_figure(positive_share_figure(positive), run_dir, "positive_by_region", result)
+    notes = list(scan.notes)
+    metrics: dict[str, Any] = {
+        "data.nodata_fraction": float(1.0 - chips["n_valid"].sum() / max(int(chips["n_pixels"].sum()), 1)),
+        "data.unexpected_label_pixels": int(chips["unexpected_label_pixels"].sum()),
+    }
+    if scan.agreement:
+        result.tables["prefilter"] = prefilter_table(chips)
+        metrics["data.prefilter_dropped_fraction"] = prefilter_dropped_fraction(chips)
+        scatter = agreement_scatter(chips, water_threshold=params.review.water_index_threshold)
+        save_stage_figure(scatter, run_dir, "agreement_scatter", result)
+    try:
+        save_map_html(split_map(prepared.catalog, backend="folium"), Path(run_dir) / FIGURES / "split_map.html")
+    except ImportError as exc:
+        notes.append(f"interactive split map not written: {exc}")
+    report = check_data(params, prepared, n_batches=check_batches, progress=progress)
+    result.tables["check_data"] = report.batches
+    result.tables["check_bands"] = report.bands
+    messages = [("problem", text) for text in report.problems] + [("warning", text) for text in report.warnings]
+    messages += [("note", text) for text in notes]
+    result.tables["audit_messages"] = pd.DataFrame(messages, columns=["kind", "message"])
+    metrics.update(
+        {
+            "data.check_ok": bool(report.ok),
+            "data.check_problems": len(report.problems),
+            "data.check_warnings": len(report.warnings),
+        }
+    )
+    return metrics

@@ -1,4 +1,11 @@
-"""Stage 3: temperature scaling, threshold choice and calibrated test scores."""
+"""Stage 3: temperature scaling, threshold choice and the calibrated evaluation of the test split.
+
+Reads only files of the run directory (data/, model/, predictions/) and reads the stored logits of
+each split once: the calibration split (`calibrate.split`, spatially disjoint from train and test
+under the block split) gives the temperature and the operating threshold(s); the test split is
+then scored with them. Writes model/calibration.json, diagnostics/*.json, a per-chip parquet,
+figures and metrics/calibration.json. The TTA comparison is the only step that runs the model.
+"""
 
 from __future__ import annotations
 
@@ -8,121 +15,230 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workbench.io import write_json_atomic
+from workbench.io import write_bytes_atomic, write_json_atomic
 from workbench.params import Params
 from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
-from workbench.stages.training import evaluate_split
+
+WORST_CHIPS = 10
 
 
-def _histogram_and_sample(
-    params: Params, run_dir: Path, split: str, temperature: float, max_pixels: int = 2_000_000
-) -> tuple[Any, np.ndarray, np.ndarray, dict[str, Any]]:
-    """One pass over a split: a threshold histogram, a bounded pixel sample for fitting, per-region histograms."""
-    from workbench.data.prepare import load_prepared
-    from workbench.evaluate.metrics import ThresholdHistogram
-    from workbench.evaluate.predict import iter_split_chips, load_predictions, sigmoid
+def _records(table: pd.DataFrame, key: str) -> dict[str, dict[str, Any]]:
+    """A group table as {group value: row} for JSON."""
+    return {str(row[key]): {str(k): v for k, v in row.items() if k != key} for row in table.to_dict(orient="records")}
 
-    prepared = load_prepared(run_dir, params.data)
+
+def _scan_split(
+    params: Params, run_dir: Path, prepared: Any, split: str, calibration: Any = None, max_sample: int = 1_000_000
+) -> Any:
+    """One pass over a split's stored logits (see `workbench.evaluate.report.evaluate_predictions`)."""
+    from workbench.evaluate.predict import load_predictions
+    from workbench.evaluate.report import evaluate_predictions, iter_label_logits
+
     predictions = load_predictions(run_dir, split)
-    bins = params.evaluate.histogram_bins
-    total = ThresholdHistogram(bins=bins)
-    by_region: dict[str, Any] = {}
-    rng = np.random.default_rng(params.seed)
-    n_chips = predictions.sizes["chip"]
-    per_chip = max(1, max_pixels // max(n_chips, 1))
-    logits_sample, labels_sample = [], []
-    for index, _, label, valid, logit in iter_split_chips(prepared.store, predictions):
-        usable = valid & (label != 255)
-        prob = sigmoid(logit / temperature)
-        total.update(prob, label, valid)
-        region = str(prepared.catalog.iloc[index]["region"])
-        by_region.setdefault(region, ThresholdHistogram(bins=bins)).update(prob, label, valid)
-        flat_logit, flat_label = logit[usable], (label[usable] > 0).astype(np.float32)
-        if flat_logit.size > per_chip:
-            keep = rng.choice(flat_logit.size, per_chip, replace=False)
-            flat_logit, flat_label = flat_logit[keep], flat_label[keep]
-        logits_sample.append(flat_logit)
-        labels_sample.append(flat_label)
-    return total, np.concatenate(logits_sample), np.concatenate(labels_sample), by_region
-
-
-def run_calibration(params: Params, run_dir: Path) -> StageResult:
-    """Fit temperature scaling on the calibration split, pick the threshold, and re-score the test split."""
-    from workbench.calibrate import (
-        Calibration,
-        brier,
-        choose_threshold,
-        choose_thresholds_by_group,
-        ece,
-        fit_temperature,
-        plot_reliability,
-        reliability_table,
+    return evaluate_predictions(
+        iter_label_logits(prepared.store, predictions),
+        prepared.catalog,
+        calibration=calibration,
+        object_iou=params.evaluate.object_iou,
+        max_sample=max_sample,
+        seed=params.seed,
+        total=int(predictions.sizes["chip"]),
+        progress=params.train.progress_bar,
     )
-    from workbench.evaluate.predict import sigmoid
+
+
+def _choose_thresholds(params: Params, evaluation: Any, temperature: float) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The global threshold (and per-region ones when asked) on calibrated probabilities, plus a comparison table.
+
+    The table also shows what the same rule picks on uncalibrated probabilities (T = 1): the
+    threshold moves with the temperature, which is why it is chosen after calibrating.
+    """
+    from workbench.calibrate import choose_threshold, choose_thresholds_by_group
+
+    cfg, bins = params.calibrate, params.evaluate.histogram_bins
+    rule: dict[str, Any] = {
+        "rule": cfg.threshold_rule,
+        "target_precision": cfg.target_precision,
+        "thresholds": np.asarray(params.evaluate.sweep_thresholds),
+        "fixed_threshold": params.evaluate.threshold,
+    }
+    chosen = choose_threshold(evaluation.logits.threshold_histogram(temperature, bins), **rule)
+    uncalibrated = choose_threshold(evaluation.logits.threshold_histogram(1.0, bins), **rule)
+    rows = [{"probabilities": "uncalibrated (T = 1)", "group": "all", **uncalibrated}]
+    rows.append({"probabilities": f"calibrated (T = {temperature:.3f})", "group": "all", **chosen})
+    per_region: dict[str, float] = {}
+    if cfg.per_region:
+        rule.pop("fixed_threshold")
+        hists = {g: h.threshold_histogram(temperature, bins) for g, h in evaluation.groups.items()}
+        for region, choice in choose_thresholds_by_group(hists, **rule).items():
+            per_region[region] = float(choice["threshold"])
+            rows.append({"probabilities": "calibrated", "group": region, **choice})
+    return {"choice": chosen, "per_region": per_region}, pd.DataFrame(rows)
+
+
+def _prevalence(params: Params, evaluation: Any, threshold: float) -> tuple[pd.DataFrame, dict[str, Any], str]:
+    """Prevalence table and curves; an empty table and the reason when the test split cannot be re-weighted."""
+    from workbench.evaluate.metrics import MetricInputError
+    from workbench.evaluate.report import prevalence_table
+
+    is_positive = evaluation.per_chip["label_pixels"].to_numpy() > 0
+    try:
+        table, curves = prevalence_table(
+            evaluation.chip_pos, evaluation.chip_neg, is_positive, params.evaluate.prevalences, threshold
+        )
+    except MetricInputError as exc:
+        return pd.DataFrame(), {}, f"prevalence re-weighting skipped: {exc}"
+    return table, curves, ""
+
+
+def _tta(params: Params, run_dir: Path, prepared: Any, temperature: float, threshold: float, max_chips: int) -> Any:
+    """TTA comparison on the first `max_chips` val chips with the saved model bundle."""
+    from workbench.data.dataset import ChipDataset
+    from workbench.evaluate.report import tta_comparison
+    from workbench.models.bundle import load_bundle
+
+    split = "val" if (prepared.catalog["split"] == "val").any() else params.calibrate.split
+    positions = np.flatnonzero(prepared.catalog["split"].to_numpy() == split)
+    bundle = load_bundle(Path(run_dir) / "model")
+    dataset = ChipDataset(prepared.store, positions, bands=bundle.bands, normalizer=bundle.normalization)
+    table = tta_comparison(
+        bundle.model,
+        dataset,
+        temperature=temperature,
+        threshold=threshold,
+        batch_size=params.data.batch_size,
+        max_chips=max_chips,
+        progress=params.train.progress_bar,
+    )
+    table.insert(0, "split", split)
+    return table
+
+
+def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_sample: int = 1_000_000) -> StageResult:
+    """Fit temperature scaling, choose thresholds after calibrating, and score the test split with both.
+
+    `tta_chips` bounds the TTA comparison (0 skips it); `max_sample` bounds the pixel sample used for
+    ECE, MCE, Brier and reliability diagrams.
+    """
+    from workbench.calibrate import Calibration
+    from workbench.data.prepare import load_prepared
+    from workbench.evaluate.metrics import group_metrics
+    from workbench.evaluate.report import (
+        calibration_quality,
+        object_metrics,
+        object_table,
+        plot_pr_curves_with_baseline,
+        plot_reliability_grid,
+        pooled_summary,
+        pr_curve_record,
+        prevalence_metrics,
+    )
 
     run_dir = Path(run_dir)
-    cfg = params.calibrate
+    cfg, bins = params.calibrate, params.evaluate.histogram_bins
+    prepared = load_prepared(run_dir, params.data)
     result = StageResult()
-    _, logits, labels, _ = _histogram_and_sample(params, run_dir, cfg.split, temperature=1.0)
-    temperature = float(fit_temperature(logits, labels))
-    before, after = sigmoid(logits), sigmoid(logits / temperature)
-    hist, _, _, by_region = _histogram_and_sample(params, run_dir, cfg.split, temperature)
-    choice = choose_threshold(
-        hist,
-        rule=cfg.threshold_rule,
-        target_precision=cfg.target_precision,
-        thresholds=np.asarray(params.evaluate.sweep_thresholds),
-        fixed_threshold=params.evaluate.threshold,
-    )
-    region_thresholds = (
-        choose_thresholds_by_group(
-            by_region,
-            rule=cfg.threshold_rule,
-            target_precision=cfg.target_precision,
-            thresholds=np.asarray(params.evaluate.sweep_thresholds),
-        )
-        if cfg.per_region
-        else {}
-    )
+    diagnostics = run_dir / DIAGNOSTICS
+
+    # calibration split: one pass -> temperature, thresholds, calibration scores
+    cal = _scan_split(params, run_dir, prepared, cfg.split, max_sample=max_sample)
+    temperature = float(cal.logits.fit_temperature())
+    chosen, threshold_table = _choose_thresholds(params, cal, temperature)
+    cal_quality, cal_tables = calibration_quality(cal.sample.logits, cal.sample.targets, temperature, cfg.ece_bins)
     calibration = Calibration(
         temperature=temperature,
-        threshold=float(choice["threshold"]),
+        threshold=float(chosen["choice"]["threshold"]),
         rule=cfg.threshold_rule,
-        per_region={k: float(v["threshold"]) for k, v in region_thresholds.items()},
-        ece_before=float(ece(before, labels, bins=cfg.ece_bins)),
-        ece_after=float(ece(after, labels, bins=cfg.ece_bins)),
-        brier_before=float(brier(before, labels)),
-        brier_after=float(brier(after, labels)),
+        target_precision=cfg.target_precision if cfg.threshold_rule == "target_precision" else None,
+        per_region=chosen["per_region"],
+        ece_before=cal_quality["ece_before"],
+        ece_after=cal_quality["ece_after"],
+        brier_before=cal_quality["brier_before"],
+        brier_after=cal_quality["brier_after"],
+        extra={"split": cfg.split, "ece_bins": cfg.ece_bins, "choice": chosen["choice"], **cal_quality},
     )
     calibration.save(run_dir / "model" / "calibration.json")
-    sweep = hist.sweep(np.asarray(params.evaluate.sweep_thresholds))
-    write_json_atomic(run_dir / DIAGNOSTICS / "threshold_sweep.json", sweep.to_dict(orient="records"))
-    tables = {
-        "uncalibrated": reliability_table(before, labels, bins=cfg.ece_bins),
-        "calibrated": reliability_table(after, labels, bins=cfg.ece_bins),
+
+    # test split: one pass at the chosen temperature and thresholds
+    test = _scan_split(params, run_dir, prepared, "test", calibration, max_sample)
+    test_quality, test_tables = calibration_quality(test.sample.logits, test.sample.targets, temperature, cfg.ece_bins)
+    grid = np.asarray(params.evaluate.sweep_thresholds)
+    hists = {
+        cfg.split: cal.logits.threshold_histogram(temperature, bins),
+        "test": test.logits.threshold_histogram(temperature, bins),
     }
-    save_stage_figure(plot_reliability(tables), run_dir, "reliability", result)
-    test_table, test_metrics = evaluate_split(params, run_dir, "test", calibration.threshold, temperature)
-    per_region = {
-        str(region): {"iou": float(g["tp"].sum() / max(g["tp"].sum() + g["fp"].sum() + g["fn"].sum(), 1))}
-        for region, g in test_table.groupby("region")
-    }
-    write_json_atomic(run_dir / DIAGNOSTICS / "per_region.json", per_region)
-    metrics = {
+    sweep = pd.concat([h.sweep(grid).assign(split=name) for name, h in hists.items()], ignore_index=True)
+    pr_curves = {name: pr_curve_record(h) for name, h in hists.items()}
+    per_chip = test.per_chip
+    summary = pooled_summary(per_chip)
+    per_region = group_metrics(per_chip, "region")
+    per_region["threshold"] = [
+        calibration.threshold_for(str(r)) if r != "all" else np.nan for r in per_region["region"]
+    ]
+    per_year = group_metrics(per_chip, "year")
+    prevalence, prevalence_curves, prevalence_note = _prevalence(params, test, calibration.threshold)
+    objects = object_table(test.objects)
+    quality = pd.DataFrame({cfg.split: cal_quality, "test": test_quality}).T
+
+    write_json_atomic(diagnostics / "threshold_sweep.json", sweep.to_dict(orient="records"))
+    write_json_atomic(diagnostics / "thresholds.json", threshold_table.to_dict(orient="records"))
+    write_json_atomic(diagnostics / "calibration_quality.json", quality.to_dict(orient="index"))
+    write_json_atomic(diagnostics / "pr_curves.json", pr_curves)
+    write_json_atomic(diagnostics / "per_region.json", _records(per_region, "region"))
+    write_json_atomic(diagnostics / "per_year.json", _records(per_year.astype({"year": str}), "year"))
+    write_json_atomic(
+        diagnostics / "prevalence.json",
+        {"table": prevalence.to_dict(orient="records"), "curves": prevalence_curves, "note": prevalence_note},
+    )
+    write_json_atomic(diagnostics / "objects.json", objects.to_dict(orient="records"))
+    buffer = per_chip.to_parquet(index=False)
+    assert buffer is not None
+    write_bytes_atomic(diagnostics / "per_chip_test_calibrated.parquet", buffer)
+
+    save_stage_figure(
+        plot_reliability_grid({cfg.split: cal_tables, "test": test_tables}), run_dir, "reliability", result
+    )
+    save_stage_figure(
+        plot_pr_curves_with_baseline(pr_curves, "Precision-recall, calibrated"), run_dir, "pr_curves", result
+    )
+    if prevalence_curves:
+        fig = plot_pr_curves_with_baseline(prevalence_curves, "Test, positive:negative chips 1:N", log_precision=True)
+        save_stage_figure(fig, run_dir, "prevalence_pr", result)
+
+    metrics: dict[str, Any] = {
         "calibration.temperature": temperature,
         "calibration.threshold": calibration.threshold,
-        "calibration.ece_before": calibration.ece_before,
-        "calibration.ece_after": calibration.ece_after,
-        "calibration.brier_before": calibration.brier_before,
-        "calibration.brier_after": calibration.brier_after,
-        "calibration.val_pr_auc": float(hist.pr_auc()),
+        **{f"calibration.{k}": v for k, v in cal_quality.items()},
+        "calibration.val_pr_auc": pr_curves[cfg.split]["pr_auc"],
+        "test.pr_auc": pr_curves["test"]["pr_auc"],
+        **{f"test.{k}": v for k, v in test_quality.items()},
     }
-    metrics.update({f"test.calibrated_{k}": v for k, v in test_metrics.items() if isinstance(v, float)})
+    metrics.update({f"test.calibrated_{k}": v for k, v in summary.items() if isinstance(v, float) and "/" not in k})
+    if len(prevalence):
+        metrics.update(prevalence_metrics(prevalence, "test"))
+    metrics.update(object_metrics(objects, "test"))
+
+    tables: dict[str, pd.DataFrame] = {}
+    if tta_chips > 0:
+        tta = _tta(params, run_dir, prepared, temperature, calibration.threshold, tta_chips)
+        write_json_atomic(diagnostics / "tta.json", tta.to_dict(orient="records"))
+        for _, row in tta.iterrows():
+            metrics[f"val.tta_iou_{row['mode']}"] = float(row["iou"])
+            metrics[f"val.tta_seconds_{row['mode']}"] = float(row["seconds"])
+        tables["tta"] = tta
+
     write_stage_metrics(run_dir, "calibration", metrics)
     result.metrics = metrics
     result.tables.update(
+        thresholds=threshold_table,
         threshold_sweep=sweep,
-        per_region=pd.DataFrame(per_region).T,
-        worst_chips=(test_table.dropna(subset=["iou"]).nsmallest(10, "iou")),
+        calibration_quality=quality,
+        test_summary=pd.Series(summary, name="test").to_frame(),
+        per_region=per_region,
+        per_year=per_year,
+        prevalence=prevalence,
+        objects=objects,
+        worst_chips=per_chip.dropna(subset=["iou"]).nsmallest(WORST_CHIPS, "iou"),
+        **tables,
     )
     return result

@@ -1,4 +1,4 @@
-"""Stage 2: train, save the model bundle, predict each needed split once, score val and test."""
+"""Stage 2: train, save the model bundle, predict each needed split once, score val and test, and report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from workbench.params import Params
 from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
@@ -41,18 +42,29 @@ def prediction_splits(params: Params) -> list[str]:
 
 
 def run_training(params: Params, run_dir: Path) -> StageResult:
-    """Train, save the model bundle, predict every needed split once, and score val/test at 0.5."""
+    """Train, save the model bundle, predict every needed split once, score val/test at 0.5, and report.
+
+    Besides the scores, the result holds the data and sampler summary (`split_summary`,
+    `sampler_composition`), the model card (`model_parts`, `param_groups`), `warnings` (tiny
+    learning rates, train-validation divergence) and the figures `training_curves` and
+    `val_predictions`; tables are also written to `diagnostics/train_*.csv`.
+    """
     from workbench.data.dataset import ChipDataset
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.predict import write_predictions
     from workbench.figures import training_curves
     from workbench.train.fit import train_model
+    from workbench.train.report import divergence_warnings, model_card, sampler_composition, split_summary
 
     run_dir = Path(run_dir)
     prepared = load_prepared(run_dir, params.data)
-    trained = train_model(params, prepared, run_dir)
     result = StageResult()
-    result.tables["param_groups"] = trained.task.param_group_table()
+    result.tables["split_summary"] = split_summary(prepared.catalog, params.data.sampler.positive_threshold)
+    result.tables["sampler_composition"] = sampler_composition(params, prepared.catalog)
+    trained = train_model(params, prepared, run_dir)
+    parts, groups, lr_warnings = model_card(trained.task)
+    result.tables["model_parts"] = parts
+    result.tables["param_groups"] = groups
     model = trained.task.model.eval()
     normalizer = trained.datamodule.normalizer
     for split in prediction_splits(params):
@@ -66,9 +78,54 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
         table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
         result.tables[f"per_chip_{split}"] = table
         metrics.update({f"{split}.{key}": value for key, value in pooled.items()})
-    write_stage_metrics(run_dir, "train", metrics)
     curves = run_dir / "logs" / "metrics.csv"
+    warnings = [("learning rate", text) for text in lr_warnings]
     if curves.is_file():
         save_stage_figure(training_curves(curves), run_dir, "training_curves", result)
+        warnings += [("overfitting", text) for text in divergence_warnings(curves)]
+    gallery = validation_gallery(params, run_dir, result.tables["per_chip_val"])
+    if gallery is not None:
+        save_stage_figure(gallery, run_dir, "val_predictions", result)
+    result.tables["warnings"] = pd.DataFrame(warnings, columns=["kind", "warning"])
+    metrics["train.n_warnings"] = len(warnings)
+    save_training_tables(run_dir, result)
+    write_stage_metrics(run_dir, "train", metrics)
     result.metrics = metrics
     return result
+
+
+def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame, n: int = 6) -> Any:
+    """RGB | label | probability for up to `n` validation chips (worst to best IoU, then false alarms)."""
+    from workbench.data.prepare import load_prepared
+    from workbench.evaluate.predict import iter_split_chips, load_predictions, sigmoid
+    from workbench.train.report import pick_gallery_chips, prediction_gallery
+
+    chosen = pick_gallery_chips(per_chip_val, n)
+    if not chosen:
+        return None
+    prepared = load_prepared(run_dir, params.data)
+    rgb = params.data.rgb_bands
+    if not set(rgb) <= set(prepared.bands):
+        rgb = tuple(prepared.bands[i % len(prepared.bands)] for i in range(3))  # type: ignore[assignment]
+    predictions = load_predictions(run_dir, "val")
+    rows = {int(v): i for i, v in enumerate(predictions["chip_index"].values)}
+    subset = predictions.isel(chip=[rows[index] for index in chosen])
+    table = per_chip_val.set_index("store_index")
+    chips = []
+    for index, image, label, valid, logit in iter_split_chips(prepared.store, subset, prepared.bands):
+        row = table.loc[index]
+        title = (
+            f"{row['chip_id']} · IoU {row['iou']:.2f}"
+            if np.isfinite(row["iou"])
+            else f"{row['chip_id']} · nothing labelled or predicted"
+        )
+        chips.append((title, image, label, valid, sigmoid(logit)))
+    return prediction_gallery(chips, prepared.bands, rgb, threshold=params.evaluate.threshold)
+
+
+def save_training_tables(run_dir: Path, result: StageResult) -> None:
+    """Write the report tables of the training stage to `diagnostics/train_<name>.csv`."""
+    from workbench.io import write_text_atomic
+
+    for name in ("split_summary", "sampler_composition", "model_parts", "param_groups", "warnings"):
+        write_text_atomic(Path(run_dir) / DIAGNOSTICS / f"train_{name}.csv", result.tables[name].to_csv(index=False))

@@ -1,15 +1,26 @@
 """Training stage: build data, model, callbacks and loggers from parameters and fit.
 
 Outputs under the run directory: `model/` (the model bundle used by calibration, review and
-`workbench predict`), `checkpoints/` (resumable Lightning checkpoints), `logs/` (CSV metrics),
-and `metrics/train.json`.
+`workbench predict`, with `run_info.json`), `checkpoints/` (resumable Lightning checkpoints:
+`best-*.ckpt` and `last.ckpt`), `logs/` (CSV metrics), `failures/` (the chips of a batch whose
+loss was not finite) and `metrics/train.json`.
+
+Resuming from `checkpoints/last.ckpt` is exact: a run stopped mid-epoch and resumed ends with
+the same weights as an uninterrupted run (with `train.deterministic`). Lightning restores the
+weights, optimiser, schedulers, loop counters and callback states (EMA, early stopping); on top
+of that the training loader remembers how many batches of the epoch it has delivered
+(`ResumableDataLoader`), every epoch's chip order is a function of (seed, epoch) (the samplers
+and `EpochShuffleSampler`), augmentation is seeded per (seed, epoch, chip) and per global step,
+and `RngStateCallback` restores the global random generators.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +28,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from workbench.data.dataset import ChipDataModule, Sample
 from workbench.data.prepare import PreparedData
+from workbench.data.sampling import EpochSampler
 from workbench.io import write_json_atomic
 from workbench.params import Params
+
+DDP_STRATEGIES = {"ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"}
 
 
 @dataclass
@@ -48,6 +64,131 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+# --------------------------------------------------------------------------- resumable data loading
+
+
+class EpochShuffleSampler(EpochSampler):
+    """Every chip once per epoch in an order drawn from (seed, epoch): plain shuffling that resumes exactly.
+
+    A DataLoader with `shuffle=True` draws each epoch's order from a generator whose state depends on
+    how many epochs the loader has run, which a restarted process cannot know.
+    """
+
+    def __init__(self, n_chips: int, seed: int = 0) -> None:
+        super().__init__(seed)
+        if n_chips < 1:
+            raise ValueError("no chips to sample from (empty train split)")
+        self.n_chips = int(n_chips)
+
+    def __len__(self) -> int:
+        return self.n_chips
+
+    def _epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(self.n_chips)
+
+
+class _ResumeIndices:
+    """The loader's batches of indices, less the first `loader._skip` ones (read when iteration starts)."""
+
+    def __init__(self, base: Any, loader: ResumableDataLoader) -> None:
+        self.base = base
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.base), self.loader._skip, None)
+
+
+class ResumableDataLoader(DataLoader[Sample]):
+    """A DataLoader whose position within the epoch goes into Lightning checkpoints.
+
+    Lightning saves `state_dict()` of stateful training loaders with each checkpoint and hands it
+    back through `load_state_dict()` on resume, before the first iteration. The state is the number
+    of batches delivered in the current epoch and the sampler's epoch; the resumed iteration then
+    skips that many batches of the same (seed, epoch) order without loading them. A checkpoint
+    taken after the last batch of an epoch resumes at the start of the next one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._delivered = 0
+        self._pending_skip = 0
+        self._skip = 0
+
+    @classmethod
+    def like(cls, loader: DataLoader[Sample]) -> ResumableDataLoader:
+        """A resumable loader with the dataset, sampler and settings of `loader`."""
+        return cls(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=loader.sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            generator=loader.generator,
+            persistent_workers=loader.persistent_workers,
+            prefetch_factor=loader.prefetch_factor,
+        )
+
+    @property
+    def _index_sampler(self) -> Any:
+        return _ResumeIndices(DataLoader._index_sampler.fget(self), self)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Any:
+        self._skip, self._pending_skip = self._pending_skip, 0
+        self._delivered = self._skip
+        iterator = super().__iter__()  # the index iterators are created here and read `_skip`
+        self._skip = 0
+        return self._count(iterator)
+
+    def _count(self, iterator: Any) -> Iterator[Any]:
+        for batch in iterator:
+            self._delivered += 1
+            yield batch
+
+    def _sampler_epoch(self) -> int | None:
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if sampler is not None and hasattr(sampler, "epoch"):
+                return int(sampler.epoch)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Batches delivered in the current epoch (0 once the epoch is complete) and the sampler's epoch."""
+        if self._delivered >= len(self):
+            return {"batches": 0, "epoch": None}
+        return {"batches": int(self._delivered), "epoch": self._sampler_epoch()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next iteration continue the saved epoch after its delivered batches."""
+        if "batches" not in state_dict:
+            raise ValueError(f"loader state {state_dict!r} lacks 'batches'; expected ResumableDataLoader.state_dict()")
+        self._pending_skip = int(state_dict["batches"])
+        epoch = state_dict.get("epoch")
+        if epoch is not None:
+            for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+                set_epoch = getattr(sampler, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(int(epoch))
+            if hasattr(self.dataset, "epoch"):
+                self.dataset.epoch = int(epoch)
+
+
+class ResumableChipDataModule(ChipDataModule):
+    """ChipDataModule whose training loader is a `ResumableDataLoader`.
+
+    Under DDP, Lightning wraps the epoch sampler in a `DistributedSamplerWrapper`, which shards the
+    epoch's draw across processes and forwards `set_epoch` to it.
+    """
+
+    def train_dataloader(self) -> DataLoader[Sample]:
+        return ResumableDataLoader.like(super().train_dataloader())
+
+
 def data_pos_weight(params: Params, prepared: PreparedData) -> float | None:
     """Raw negative:positive pixel ratio of the train split, for loss terms with pos_weight='data'.
 
@@ -62,10 +203,9 @@ def data_pos_weight(params: Params, prepared: PreparedData) -> float | None:
     return (n_valid - n_pos) / n_pos if n_pos > 0 else float("inf")
 
 
-def build_datamodule(params: Params, prepared: PreparedData) -> Any:
+def build_datamodule(params: Params, prepared: PreparedData) -> ResumableChipDataModule:
     """The Lightning data module of a prepared run (sampler, augmentation and normalisation wired in)."""
     from workbench.data.augment import Augmenter, BatchAugmenter
-    from workbench.data.dataset import ChipDataModule
     from workbench.data.normalize import NormalizationStats
     from workbench.data.sampling import build_sampler
     from workbench.data.store import read_store_meta
@@ -78,9 +218,10 @@ def build_datamodule(params: Params, prepared: PreparedData) -> Any:
     cfg = params.data
 
     def sampler_factory(positive_fraction: np.ndarray) -> Any:
-        return build_sampler(cfg.sampler, positive_fraction, seed=params.seed)
+        sampler = build_sampler(cfg.sampler, positive_fraction, seed=params.seed)
+        return sampler if sampler is not None else EpochShuffleSampler(len(positive_fraction), seed=params.seed)
 
-    return ChipDataModule(
+    return ResumableChipDataModule(
         prepared.store,
         prepared.catalog,
         bands=prepared.bands,
@@ -94,24 +235,31 @@ def build_datamodule(params: Params, prepared: PreparedData) -> Any:
     )
 
 
+def checkpoint_monitor(params: Params) -> tuple[str, str]:
+    """Metric and mode that choose the best checkpoint: the early-stopping metric when it is on, else val/iou."""
+    stopping = params.train.early_stopping
+    return (stopping.monitor, stopping.mode) if stopping.enabled else ("val/iou", "max")
+
+
 def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
-    """Checkpointing, EMA, SWA/snapshots, early stopping and learning-rate logging."""
+    """Checkpointing, random-state keeping, EMA, SWA/snapshots, early stopping and learning-rate logging.
+
+    The first callback keeps the best checkpoint (after each validation); the second rewrites
+    `last.ckpt` at each epoch end and, with `train.checkpoint_every_n_steps`, every N optimiser
+    steps, so an interrupted run loses at most N steps.
+    """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping
+    from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping, LastCheckpoint, RngStateCallback
 
     cfg = params.train
+    monitor, mode = checkpoint_monitor(params)
+    directory = run_dir / "checkpoints"
     callbacks: list[Any] = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="best-{epoch:03d}",
-            monitor="val/iou",
-            mode="max",
-            save_last=True,
-            save_top_k=1,
-            every_n_train_steps=cfg.checkpoint_every_n_steps,
-        ),
+        ModelCheckpoint(dirpath=directory, filename="best-{epoch:03d}", monitor=monitor, mode=mode, save_top_k=1),
+        LastCheckpoint(directory, every_n_train_steps=cfg.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
+        RngStateCallback(),
     ]
     if cfg.optimizer.freeze_backbone_epochs:
         prefix = getattr(task.model, "backbone_prefix", "encoder")
@@ -133,8 +281,21 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
     return callbacks
 
 
+def mlflow_tracking_uri(uri: str) -> str:
+    """The MLflow URI for `train.tracking.uri`; a plain path becomes an absolute `file:` URI.
+
+    MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set, so it is set for file
+    stores (the database stores need SQLAlchemy, which the skinny client does not install).
+    """
+    if "://" not in uri and not uri.startswith("file:"):
+        uri = Path(uri).expanduser().resolve().as_uri()
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
 def build_loggers(params: Params, run_dir: Path) -> list[Any]:
-    """CSV logs always; MLflow when `train.tracking.uri` is set."""
+    """CSV logs always; MLflow when `train.tracking.uri` is set (a server URI or a local folder)."""
     from lightning.pytorch.loggers import CSVLogger
 
     loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
@@ -145,16 +306,71 @@ def build_loggers(params: Params, run_dir: Path) -> list[Any]:
         loggers.append(
             MLFlowLogger(
                 experiment_name=tracking.experiment or params.experiment,
-                tracking_uri=tracking.uri,
+                tracking_uri=mlflow_tracking_uri(tracking.uri),
                 run_name=run_dir.name,
+                tags={"seed": str(params.seed)},
             )
         )
     return loggers
 
 
-def build_trainer(params: Params, run_dir: Path, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
-    """A Lightning Trainer with accelerator, devices, nodes, strategy and precision from parameters."""
+def has_unused_parameters(params: Params) -> bool:
+    """Whether some parameters get no gradient in a step, which DDP must be told about.
+
+    smp encoders built with encoder_depth < 5 keep their deeper stages unused, and a backbone frozen
+    for the first epochs gets no gradient while it is frozen.
+    """
+    from workbench.models.factory import resolve_architecture
+
+    model = params.model
+    try:
+        is_smp = resolve_architecture(model.architecture) not in {"terramind", "satunet", "late_fusion"}
+    except ValueError:
+        is_smp = False
+    return params.train.optimizer.freeze_backbone_epochs > 0 or (is_smp and model.encoder_depth < 5)
+
+
+def build_strategy(params: Params) -> Any:
+    """The Lightning strategy: DDP variants get gloo on the CPU and find_unused_parameters when needed."""
     cfg = params.train
+    if cfg.strategy not in DDP_STRATEGIES:
+        return cfg.strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    start_method = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}[cfg.strategy]
+    return DDPStrategy(
+        process_group_backend="gloo" if cfg.accelerator == "cpu" else None,
+        find_unused_parameters=has_unused_parameters(params),
+        start_method=start_method,  # type: ignore[arg-type]
+    )
+
+
+def sampler_epoch_lengths(params: Params, prepared: PreparedData) -> list[int]:
+    """Chips drawn in each epoch (the curriculum changes it at its stage epochs)."""
+    from workbench.data.sampling import build_sampler
+
+    train = prepared.catalog["split"].to_numpy() == "train"
+    fraction = prepared.catalog["positive_fraction"].to_numpy()[train]
+    sampler = build_sampler(params.data.sampler, fraction, seed=params.seed)
+    if sampler is None:
+        return [int(train.sum())] * params.train.max_epochs
+    lengths = []
+    for epoch in range(params.train.max_epochs):
+        sampler.set_epoch(epoch)
+        lengths.append(len(sampler))
+    return lengths
+
+
+def build_trainer(
+    params: Params, run_dir: Path, callbacks: list[Any], loggers: list[Any], epoch_lengths: list[int] | None = None
+) -> L.Trainer:
+    """A Lightning Trainer with accelerator, devices, nodes, strategy and precision from parameters.
+
+    When the epoch length changes between epochs (curriculum sampling) the training loader is
+    rebuilt every epoch, since Lightning sizes an epoch from the loader it was given.
+    """
+    cfg = params.train
+    varying = epoch_lengths is not None and len(set(epoch_lengths)) > 1
     return L.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=cfg.max_epochs,
@@ -162,7 +378,7 @@ def build_trainer(params: Params, run_dir: Path, callbacks: list[Any], loggers: 
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
+        strategy=build_strategy(params),
         precision=cfg.precision,
         gradient_clip_val=cfg.grad_clip,
         deterministic=cfg.deterministic,
@@ -173,18 +389,23 @@ def build_trainer(params: Params, run_dir: Path, callbacks: list[Any], loggers: 
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
+        reload_dataloaders_every_n_epochs=1 if varying else 0,
     )
 
 
 def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir: Path) -> Any:
-    """The SegmentationTask for a prepared run."""
+    """The SegmentationTask for a prepared run.
+
+    `steps_per_epoch` (for warm-up and cosine schedules) is the mean number of batches per epoch over
+    the run, so a curriculum whose epochs grow still ends its cosine at the last step.
+    """
     from workbench.data.store import read_store_meta
     from workbench.train.task import SegmentationTask
 
     meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
-    n_train = len(datamodule.split_indices("train"))
-    epoch_size = params.data.sampler.epoch_size or n_train
-    steps_per_epoch = max(1, -(-epoch_size // params.data.batch_size))
+    lengths = sampler_epoch_lengths(params, prepared)
+    batches = [-(-length // params.data.batch_size) for length in lengths]
+    steps_per_epoch = max(1, round(sum(batches) / len(batches)))
     task = SegmentationTask(
         model_params=params.model.model_dump(mode="json"),
         train_params=params.train.model_dump(mode="json"),
@@ -194,25 +415,33 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
         data_pos_weight=data_pos_weight(params, prepared),
         steps_per_epoch=steps_per_epoch,
         failure_dir=str(run_dir / "failures"),
+        prevalences=list(params.evaluate.prevalences),
+        positive_threshold=params.data.sampler.positive_threshold,
     )
+    task.chip_ids = prepared.catalog["chip_id"].astype(str).to_numpy()
     if params.train.compile:
         task.model = torch.compile(task.model)  # type: ignore[assignment]
     return task
 
 
 def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: bool = True) -> TrainResult:
-    """Fit a model and save its bundle; resumes from `checkpoints/last.ckpt` when present."""
+    """Fit a model and save its bundle; resumes exactly from `checkpoints/last.ckpt` when present."""
     run_dir = Path(run_dir)
     seed_everything(params.seed, params.train.deterministic)
     datamodule = build_datamodule(params, prepared)
     task = build_task(params, prepared, datamodule, run_dir)
     callbacks = build_callbacks(params, run_dir, task)
-    trainer = build_trainer(params, run_dir, callbacks, build_loggers(params, run_dir))
+    lengths = sampler_epoch_lengths(params, prepared)
+    trainer = build_trainer(params, run_dir, callbacks, build_loggers(params, run_dir), lengths)
     last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = resume and last.is_file()
     started = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
     seconds = time.perf_counter() - started
-    model_dir = save_trained_model(params, prepared, task, run_dir, callbacks)
+    model_dir = run_dir / "model"
+    if trainer.is_global_zero:  # under DDP every process gets here; one writes
+        save_trained_model(params, prepared, task, run_dir, callbacks)
+        write_run_info(params, model_dir, resumed_from=str(last) if resumed else None)
     metrics = {
         "train.seconds": seconds,
         "train.epochs": trainer.current_epoch,
@@ -222,9 +451,28 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     for key, value in trainer.callback_metrics.items():
         if key.startswith(("val/", "train/")):
             metrics[f"train.last_{key.replace('/', '_')}"] = float(value)
-    write_json_atomic(run_dir / "metrics" / "train.json", metrics)
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "metrics" / "train.json", metrics)
     best = getattr(callbacks[0], "best_model_path", "") or None
     return TrainResult(model_dir, Path(best) if best else None, metrics, task, datamodule)
+
+
+def write_run_info(params: Params, model_dir: Path, resumed_from: str | None = None) -> Path:
+    """`<model_dir>/run_info.json`: the parameters, git commit and package versions the bundle came from."""
+    from datetime import UTC, datetime
+
+    from workbench.pipeline import git_commit, package_versions, project_root
+
+    info = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "experiment": params.experiment,
+        "seed": params.seed,
+        "git_commit": git_commit(project_root()),
+        "versions": package_versions(),
+        "resumed_from": resumed_from,
+        "params": params.model_dump(mode="json"),
+    }
+    return write_json_atomic(Path(model_dir) / "run_info.json", info)
 
 
 def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_dir: Path, callbacks: list[Any]) -> Path:

@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
 from workbench.data.dataset import Sample, loss_mask
 from workbench.params import ModelParams, TrainParams
+
+PR_BINS = 100
+"""Probability bins of the per-chip validation histograms behind val/pr_auc (cheap: 2 x 100 counts per chip)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,7 +36,8 @@ class PixelCounts(nn.Module):
     def __init__(self, threshold: float = 0.5) -> None:
         super().__init__()
         self.threshold = threshold
-        self.register_buffer("counts", torch.zeros(4, dtype=torch.float64), persistent=False)
+        # persistent: a checkpoint taken mid-epoch resumes with the counts of the batches already seen
+        self.register_buffer("counts", torch.zeros(4, dtype=torch.float64))
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -58,7 +63,14 @@ class PixelCounts(nn.Module):
 
 
 class SegmentationTask(L.LightningModule):
-    """Binary semantic segmentation with a composite loss on valid pixels."""
+    """Binary semantic segmentation with a composite loss on valid pixels.
+
+    Validation also logs the PR-AUC of the pooled validation pixels (`val/pr_auc`) and at chip
+    prevalences 1:r (`val/pr_auc_<r>` for r in 1 and `prevalences`), from per-chip probability
+    histograms re-weighted by `PrevalenceEvaluator`; a chip is positive when its labelled foreground
+    fraction is at least `positive_threshold` (the samplers' rule). `chip_ids` (store position ->
+    chip id, set after construction) lets a non-finite loss report the chips of its batch by id.
+    """
 
     def __init__(
         self,
@@ -70,12 +82,19 @@ class SegmentationTask(L.LightningModule):
         data_pos_weight: float | None = None,
         steps_per_epoch: int = 1,
         failure_dir: str | None = None,
+        prevalences: list[int] | None = None,
+        positive_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = ModelParams.model_validate(model_params)
         self.train_cfg = TrainParams.model_validate(train_params)
         self.failure_dir = Path(failure_dir) if failure_dir else None
+        self.prevalences = [int(r) for r in (prevalences if prevalences is not None else [200, 500, 1000])]
+        self.positive_threshold = float(positive_threshold)
+        self.chip_ids: np.ndarray | None = None
+        self._val_pos: list[np.ndarray] = []
+        self._val_neg: list[np.ndarray] = []
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -103,16 +122,17 @@ class SegmentationTask(L.LightningModule):
         logits: torch.Tensor = self.model(image)
         return logits
 
-    def _shared_step(self, batch: Sample, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Sample, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of one batch (logged) and the logits; a non-finite loss saves the batch's chips and stops."""
         logits = self(batch["image"])
         mask = loss_mask(batch)
         loss, parts = self.criterion(logits.float(), batch["target"].float(), mask)
         if not torch.isfinite(loss):
-            self._save_failure(batch, stage)
+            saved = self._save_failure(batch, stage, float(loss.detach()))
+            where = f"chip ids saved to {saved}" if saved else "no failure directory set"
             raise NonFiniteLossError(
-                f"{stage} loss is {float(loss)} at epoch {self.current_epoch}, step {self.global_step}; "
-                f"chip ids saved to {self.failure_dir}/nonfinite_batch.json (lower the learning rate, "
-                "use bf16 instead of fp16, or check those chips for bad values)"
+                f"{stage} loss is {float(loss.detach())} at epoch {self.current_epoch}, step {self.global_step}; "
+                f"{where} (lower the learning rate, use bf16 instead of fp16, or check those chips for bad values)"
             )
         counter = self.stage_counts[f"{stage}_pixels"]
         assert isinstance(counter, PixelCounts)
@@ -121,25 +141,96 @@ class SegmentationTask(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size, sync_dist=stage != "train")
         for name, value in parts.items():
             self.log(f"{stage}/loss_{name}", value, batch_size=batch_size, sync_dist=stage != "train")
-        return loss
+        return loss, logits
 
-    def _save_failure(self, batch: Sample, stage: str) -> None:
+    def _save_failure(self, batch: Sample, stage: str, loss: float) -> Path | None:
+        """Write the batch's store positions and chip ids to `<failure_dir>/nonfinite_batch.json`."""
         if self.failure_dir is None:
-            return
+            return None
         from workbench.io import write_json_atomic
 
-        indices = batch["index"].tolist() if torch.is_tensor(batch["index"]) else list(batch["index"])
-        info = {"stage": stage, "epoch": self.current_epoch, "step": self.global_step, "chip_index": indices}
-        write_json_atomic(self.failure_dir / "nonfinite_batch.json", info)
+        indices = [int(i) for i in (batch["index"].tolist() if torch.is_tensor(batch["index"]) else batch["index"])]
+        info: dict[str, Any] = {
+            "stage": stage,
+            "epoch": self.current_epoch,
+            "step": self.global_step,
+            "loss": str(loss),
+            "chip_index": indices,
+        }
+        if self.chip_ids is not None:
+            info["chip_id"] = [str(self.chip_ids[i]) for i in indices]
+        image = batch["image"].detach()
+        info["nonfinite_input_chips"] = [
+            int(i) for i, ok in zip(indices, torch.isfinite(image).flatten(1).all(1).tolist(), strict=True) if not ok
+        ]
+        rank = self.global_rank if self._trainer is not None else 0
+        name = "nonfinite_batch.json" if rank == 0 else f"nonfinite_batch_rank{rank}.json"
+        return write_json_atomic(self.failure_dir / name, info)
 
     def training_step(self, batch: Sample, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss, _ = self._shared_step(batch, "train")
+        return loss
 
     def validation_step(self, batch: Sample, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        _, logits = self._shared_step(batch, "val")
+        self._collect_histograms(logits, batch)
 
     def test_step(self, batch: Sample, batch_idx: int) -> None:
         self._shared_step(batch, "test")
+
+    # ranking metrics ------------------------------------------------------------
+    def _collect_histograms(self, logits: torch.Tensor, batch: Sample) -> None:
+        """Per-chip probability histograms of positive and negative pixels (valid and labelled only)."""
+        from workbench.evaluate.metrics import per_chip_histograms
+
+        prob = torch.sigmoid(logits[:, 0].detach().float()).cpu().numpy()
+        pos, neg = per_chip_histograms(prob, batch["label"].cpu().numpy(), batch["valid"].cpu().numpy(), PR_BINS)
+        self._val_pos.append(pos)
+        self._val_neg.append(neg)
+
+    def _gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Concatenate a per-chip array over all processes (ranks may hold different numbers of chips)."""
+        if self.trainer.world_size <= 1:
+            return rows
+        local = torch.as_tensor(rows, device=self.device)
+        sizes = self.all_gather(torch.tensor([local.shape[0]], device=self.device))
+        assert isinstance(sizes, torch.Tensor)
+        sizes = sizes.reshape(-1)
+        padded = local.new_zeros((int(sizes.max()), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        gathered = self.all_gather(padded)
+        assert isinstance(gathered, torch.Tensor)
+        parts = [gathered[rank, : int(size)] for rank, size in enumerate(sizes.tolist())]
+        return torch.cat(parts).cpu().numpy()
+
+    def prevalence_pr_auc(self, pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
+        """PR-AUC of the pooled pixels and at chip ratios 1:1 and 1:r for r in `prevalences`."""
+        from workbench.data.sampling import positive_chips
+        from workbench.evaluate.metrics import PrevalenceEvaluator, ThresholdHistogram
+
+        scores = {"pr_auc": ThresholdHistogram.from_counts(pos.sum(0), neg.sum(0)).pr_auc()}
+        labelled = pos.sum(1) + neg.sum(1)
+        fraction = np.divide(pos.sum(1), labelled, out=np.zeros(len(pos)), where=labelled > 0)
+        is_positive = positive_chips(fraction, self.positive_threshold)
+        if is_positive.any() and not is_positive.all():
+            ratios = list(dict.fromkeys([1, *self.prevalences]))
+            table = PrevalenceEvaluator(pos, neg, is_positive).evaluate(ratios, threshold=0.5)
+            for ratio, value in zip(ratios, table["pr_auc"], strict=True):
+                scores[f"pr_auc_{ratio}"] = float(value)
+        return scores
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_pos, self._val_neg = [], []
+
+    def _log_ranking_metrics(self) -> None:
+        if not self._val_pos:
+            return
+        pos = self._gather_rows(np.concatenate(self._val_pos))
+        neg = self._gather_rows(np.concatenate(self._val_neg))
+        self._val_pos, self._val_neg = [], []
+        for name, value in self.prevalence_pr_auc(pos, neg).items():
+            if not math.isnan(value):
+                self.log(f"val/{name}", value, sync_dist=True)
 
     def _log_epoch_metrics(self, stage: str) -> None:
         counter = self.stage_counts[f"{stage}_pixels"]
@@ -148,9 +239,11 @@ class SegmentationTask(L.LightningModule):
             gathered = self.all_gather(counter.counts)
             assert isinstance(gathered, torch.Tensor)
             counter.counts = gathered.reshape(-1, 4).sum(0)
+        # every rank holds the same gathered counts, so every rank logs them (callbacks such as
+        # ModelCheckpoint and early stopping read the metric on all ranks); averaging equal values is exact
         for name, value in counter.compute().items():
             if not math.isnan(value):
-                self.log(f"{stage}/{name}", value, prog_bar=name == "iou" and stage != "train", rank_zero_only=True)
+                self.log(f"{stage}/{name}", value, prog_bar=name == "iou" and stage != "train", sync_dist=True)
         counter.reset()
 
     def on_train_epoch_start(self) -> None:
@@ -164,6 +257,7 @@ class SegmentationTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
+        self._log_ranking_metrics()
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
@@ -180,8 +274,16 @@ class SegmentationTask(L.LightningModule):
             num_layers=getattr(self.model, "num_backbone_layers", None),
         )
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        stopping = self.train_cfg.early_stopping
+        # the plateau schedule maximises its monitor: follow the early-stopping metric when it is maximised too
+        monitor = stopping.monitor if stopping.enabled and stopping.mode == "max" else "val/iou"
         scheduler = build_scheduler(
-            optimizer, cfg, steps_per_epoch=self.hparams["steps_per_epoch"], max_epochs=self.train_cfg.max_epochs
+            optimizer,
+            cfg,
+            steps_per_epoch=self.hparams["steps_per_epoch"],
+            max_epochs=self.train_cfg.max_epochs,
+            monitor=monitor,
+            val_every_n_epochs=self.train_cfg.val_every_n_epochs,
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
