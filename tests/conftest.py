@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from workbench.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,3 +27,33 @@ def _few_threads() -> None:
     import torch
 
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test with one torch thread (deterministic CPU kernels, no oversubscription)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_demo_params(store: Path, *extra: str) -> Params:
+    """Demo parameters shrunk to seconds of training: 48 chips of 32 px, a narrow SatUNet, 1 epoch."""
+    return load_params(
+        REPO / "params" / "demo.yaml",
+        [
+            f"data.store={store}",
+            "data.synthetic.n_chips=48",
+            "data.synthetic.chip_size=32",
+            "data.batch_size=8",
+            "model.architecture=satunet",
+            "model.base_channels=8",
+            "train.max_epochs=1",
+            "train.progress_bar=false",
+            "train.deterministic=true",
+            *extra,
+        ],
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -31,11 +30,8 @@ class DumpPerRank(L.Callback):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one torch thread."""
 
 
 def scored_pixels(store: Path, positions: np.ndarray) -> int:

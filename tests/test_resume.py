@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_demo_params
 
 from workbench.data.prepare import PreparedData, prepare_data
-from workbench.params import Params, load_params
+from workbench.params import Params
 from workbench.train import fit
 from workbench.train.callbacks import RngStateCallback, capture_rng_state, restore_rng_state
 
@@ -37,11 +37,8 @@ class InterruptAt(L.Callback):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one torch thread."""
 
 
 @pytest.fixture(scope="module")
@@ -50,24 +47,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_params(store: Path, *extra: str) -> Params:
-    return load_params(
-        ROOT / "params" / "demo.yaml",
-        [
-            f"data.store={store}",
-            "data.synthetic.n_chips=48",
-            "data.synthetic.chip_size=32",
-            "data.batch_size=4",
-            "data.sampler.kind=balanced",
-            "model.architecture=satunet",
-            "model.base_channels=8",
-            "train.max_epochs=2",
-            "train.progress_bar=false",
-            "train.deterministic=true",
-            "train.checkpoint_every_n_steps=2",
-            "train.ema.enabled=true",
-            "train.ema.decay=0.9",
-            *extra,
-        ],
+    return tiny_demo_params(
+        store,
+        "data.batch_size=4",
+        "data.sampler.kind=balanced",
+        "train.max_epochs=2",
+        "train.checkpoint_every_n_steps=2",
+        "train.ema.enabled=true",
+        "train.ema.decay=0.9",
+        *extra,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_demo_params
 from sklearn.metrics import average_precision_score
 from torch import nn
 
@@ -34,11 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one torch thread."""
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +44,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_params(store: Path, *extra: str) -> Params:
-    return load_params(
-        ROOT / "params" / "demo.yaml",
-        [
-            f"data.store={store}",
-            "data.synthetic.n_chips=48",
-            "data.synthetic.chip_size=32",
-            "data.batch_size=8",
-            "model.architecture=satunet",
-            "model.base_channels=8",
-            "train.max_epochs=1",
-            "train.progress_bar=false",
-            "train.deterministic=true",
-            *extra,
-        ],
-    )
+    return tiny_demo_params(store, *extra)
 
 
 def train(params: Params, run_dir: Path) -> tuple[fit.TrainResult, PreparedData]:

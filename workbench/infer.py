@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -596,6 +597,14 @@ def block_size_for_memory(
     available_mb = memory_limit_mb - model_memory_mb - gdal_cache_mb(memory_limit_mb)
     budget = max(available_mb, memory_limit_mb / 4) * MIB
     side = math.isqrt(int(budget // per_pixel)) - 2 * window
+    if side < OUTPUT_TILE:
+        smallest_mb = model_memory_mb + (OUTPUT_TILE + 2 * window) ** 2 * per_pixel / MIB
+        warnings.warn(
+            f"memory limit {memory_limit_mb:.0f} MB is below the smallest block for {channels} bands "
+            f"(about {smallest_mb:.0f} MB with window {window}); raise the limit or use a smaller window",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return max(OUTPUT_TILE, side // OUTPUT_TILE * OUTPUT_TILE)
 
 

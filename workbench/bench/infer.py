@@ -227,7 +227,7 @@ def bench_infer(
     """Run the three inference measurements; `quick` uses tiny sizes (a smoke run, not a measurement).
 
     The full run: a 448-pixel image (3 x 3 windows of 224 pixels) for the overhead, 10^8 pixels for
-    the sweep, and a 48-band float32 raster four times a 100 MiB limit with 64-pixel windows.
+    the sweep, and a 15-band float32 raster (S2 + S1 + DEM) four times a 100 MiB limit with 64-pixel windows.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -244,7 +244,7 @@ def bench_infer(
             out_dir,
             memory_limit_mb or (8.0 if quick else 100.0),
             raster_factor,
-            raster_bands or (4 if quick else 48),
+            raster_bands or (4 if quick else 15),
             raster_window,
             raster_window // 2,
             raster_batch_size,
