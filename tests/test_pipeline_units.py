@@ -91,3 +91,24 @@ def test_index_survives_runs_without_metrics(tmp_path: Path) -> None:
     write_json_atomic(run_dir / "run.json", {"experiment": "x", "run_id": "r1", "status": "running"})
     assert "r1" in pipeline.write_index(tmp_path).read_text()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+
+
+def test_cli_ingest_writes_a_store_and_reports_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fakes", ROOT / "tests" / "data" / "fakes.py")
+    assert spec is not None and spec.loader is not None
+    fakes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fakes)
+    fakes.make_npz(tmp_path / "src")
+    code = main(["ingest", "npz", str(tmp_path / "src"), str(tmp_path / "store"), "--chip-size", "32"])
+    assert code == 0
+    assert "4 chips from npz" in capsys.readouterr().out  # a 64 px array tiles into four 32 px chips
+    from workbench.data.store import read_catalog
+
+    assert len(read_catalog(tmp_path / "store")) == 4
+
+
+def test_cli_ingest_unknown_format_lists_the_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ingest", "tiffs", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "landslide4sense" in capsys.readouterr().err

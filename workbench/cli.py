@@ -42,7 +42,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         **parse_options(args.option or []),
     )
-    print(report)
+    print(report.summary())
+    for path, reason in report.skipped:
+        print(f"  skipped {path}: {reason}")
+    for path in report.unpaired:
+        print(f"  unpaired {path}")
     return 0
 
 
@@ -60,7 +64,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         scales=tuple(args.scales),
         tta=args.tta,
     )
-    print(result)
+    for name, path in result.paths.items():
+        print(f"wrote {name}: {path}")
+    print(f"{result.n_polygons} polygon(s), {result.seconds:.1f} s, peak memory {result.peak_rss_mb:.0f} MB")
     return 0
 
 
