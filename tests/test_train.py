@@ -307,3 +307,24 @@ def test_run_training_reports_tables_figures_and_keeps_metric_keys(store: Path, 
     assert total["parameters"] == result.tables["param_groups"]["n_params"].sum()
     for name in ("split_summary", "sampler_composition", "model_parts", "param_groups", "warnings"):
         assert (tmp_path / "diagnostics" / f"train_{name}.csv").is_file()
+
+
+def test_resume_refuses_checkpoint_with_other_bands_or_normalisation(tmp_path: Path) -> None:
+    record = {"bands": ["B03", "B11"], "method": "zscore", "mean": [100.0, 200.0], "std": [10.0, 20.0]}
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"band_names": ["B03", "B11"], "normalization": record}}, checkpoint)
+    fit.check_checkpoint_matches(checkpoint, ["B03", "B11"], dict(record))  # same data: accepted
+    with pytest.raises(fit.CheckpointMismatch, match="B08"):
+        fit.check_checkpoint_matches(checkpoint, ["B03", "B08"], dict(record, bands=["B03", "B08"]))
+    shifted = dict(record, mean=[100.0, 250.0])
+    with pytest.raises(fit.CheckpointMismatch, match=r"mean differs for bands \['B11'\]"):
+        fit.check_checkpoint_matches(checkpoint, ["B03", "B11"], shifted)
+    with pytest.raises(fit.CheckpointMismatch, match="'percentile'"):
+        fit.check_checkpoint_matches(checkpoint, ["B03", "B11"], dict(record, method="percentile"))
+
+
+def test_task_records_normalisation_for_resume_checks(tmp_path: Path, store: Path) -> None:
+    params = tiny_params(store)
+    prepared = prepare_data(params.data, tmp_path, seed=params.seed)
+    record = fit.normalization_record(prepared.stats_path)
+    assert record["bands"] == prepared.bands and len(record["mean"]) == len(prepared.bands)

@@ -393,6 +393,57 @@ def build_trainer(
     )
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint was trained on other bands or other normalisation statistics than the data."""
+
+
+def normalization_record(stats_path: Path) -> dict[str, Any]:
+    """The normalisation statistics as plain lists (stored with the task's hyper-parameters)."""
+    from workbench.data.normalize import NormalizationStats
+
+    stats = NormalizationStats.load(stats_path)
+    return {
+        "bands": list(stats.bands),
+        "method": stats.method,
+        **{
+            key: np.asarray(value, dtype=float).round(6).tolist()
+            for key in ("mean", "std", "low", "high")
+            if (value := getattr(stats, key)) is not None
+        },
+    }
+
+
+def check_checkpoint_matches(checkpoint: Path, bands: list[str], normalization: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint whose bands or normalisation differ from the data; say which."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    hparams = state.get("hyper_parameters", {})
+    saved_bands = list(hparams.get("band_names", []))
+    if saved_bands != list(bands):
+        from workbench.models.bundle import describe_band_mismatch
+
+        raise CheckpointMismatch(
+            f"{checkpoint} was trained on other bands: {describe_band_mismatch(saved_bands, list(bands))}; "
+            "start a new run directory or select the checkpoint's bands with data.bands"
+        )
+    saved = hparams.get("normalization")
+    if saved is None:
+        return
+    if saved.get("method") != normalization["method"]:
+        raise CheckpointMismatch(
+            f"{checkpoint} used {saved.get('method')!r} normalisation, the data uses {normalization['method']!r}"
+        )
+    for key in ("mean", "std", "low", "high"):
+        if key not in saved and key not in normalization:
+            continue
+        old, new = np.asarray(saved.get(key, []), float), np.asarray(normalization.get(key, []), float)
+        if old.shape != new.shape or not np.allclose(old, new, rtol=1e-4, atol=1e-6):
+            differ = [b for b, a, c in zip(bands, old, new) if not np.isclose(a, c, rtol=1e-4, atol=1e-6)]
+            raise CheckpointMismatch(
+                f"{checkpoint} was trained with other normalisation statistics ({key} differs for bands "
+                f"{differ or bands}); the train split or the data changed - start a new run directory"
+            )
+
+
 def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir: Path) -> Any:
     """The SegmentationTask for a prepared run.
 
@@ -417,6 +468,7 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
         failure_dir=str(run_dir / "failures"),
         prevalences=list(params.evaluate.prevalences),
         positive_threshold=params.data.sampler.positive_threshold,
+        normalization=normalization_record(prepared.stats_path),
     )
     task.chip_ids = prepared.catalog["chip_id"].astype(str).to_numpy()
     if params.train.compile:
@@ -435,6 +487,8 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     trainer = build_trainer(params, run_dir, callbacks, build_loggers(params, run_dir), lengths)
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = resume and last.is_file()
+    if resumed:
+        check_checkpoint_matches(last, prepared.bands, normalization_record(prepared.stats_path))
     started = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
     seconds = time.perf_counter() - started

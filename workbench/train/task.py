@@ -84,6 +84,7 @@ class SegmentationTask(L.LightningModule):
         failure_dir: str | None = None,
         prevalences: list[int] | None = None,
         positive_threshold: float = 0.0,
+        normalization: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
