@@ -80,15 +80,43 @@ def load_predictions(run_dir: Path, split: str) -> xr.Dataset:
     return xr.open_zarr(path, consolidated=False)
 
 
-def chip_counts(prob: np.ndarray, label: np.ndarray, valid: np.ndarray, threshold: float) -> dict[str, int]:
-    """Confusion counts of one chip over valid, labelled pixels."""
-    usable = valid & (label != IGNORE_INDEX)
-    pred = (prob > threshold) & usable
-    truth = (label > 0) & usable
-    tp = int((pred & truth).sum())
-    fp = int((pred & ~truth).sum())
-    fn = int((~pred & truth).sum())
-    return {"valid_pixels": int(usable.sum()), "tp": tp, "fp": fp, "fn": fn, "tn": int(usable.sum()) - tp - fp - fn}
+IDENTITY_COLUMNS = ("chip_id", "region", "year", "lat", "lon", "split")
+
+
+def chip_counts(pred: np.ndarray, truth: np.ndarray, usable: np.ndarray) -> dict[str, Any]:
+    """Confusion counts of one chip over `usable` pixels, with union, IoU and flags (empty, tail: IoU < 0.05).
+
+    `pred` and `truth` are boolean masks; callers decide how probabilities become `pred`.
+    """
+    pred, truth = pred & usable, truth & usable
+    tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
+    n = int(usable.sum())
+    union = tp + fp + fn
+    iou = tp / union if union else float("nan")
+    flags = ["empty"] if union == 0 else []
+    if tp + fn and iou < 0.05:
+        flags.append("tail")
+    return {
+        "valid_pixels": n,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": n - tp - fp - fn,
+        "label_pixels": tp + fn,
+        "predicted_pixels": tp + fp,
+        "intersection": tp,
+        "union": union,
+        "iou": iou,
+        "flags": ",".join(flags),
+    }
+
+
+def chip_identity(catalog: pd.DataFrame, index: int) -> dict[str, Any]:
+    """The catalog's identity columns of the chip at store position `index`, plus that position."""
+    row = catalog.iloc[index]
+    identity: dict[str, Any] = {c: row[c] for c in IDENTITY_COLUMNS if c in catalog.columns}
+    identity["store_index"] = index
+    return identity
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -126,26 +154,12 @@ def per_chip_table(
     rows = []
     for index, image, label, valid, logit in iter_split_chips(store, predictions, bands):
         prob = sigmoid(logit / temperature)
-        counts = chip_counts(prob, label, valid, threshold)
-        row: dict[str, Any] = {
-            str(k): v for k, v in catalog.iloc[index][["chip_id", "region", "year", "lat", "lon", "split"]].items()
-        }
-        row["store_index"] = index
-        row.update(counts)
-        row["label_pixels"] = counts["tp"] + counts["fn"]
-        row["predicted_pixels"] = counts["tp"] + counts["fp"]
-        row["intersection"] = counts["tp"]
-        row["union"] = counts["tp"] + counts["fp"] + counts["fn"]
-        row["iou"] = row["intersection"] / row["union"] if row["union"] else float("nan")
+        usable = valid & (label != IGNORE_INDEX)
+        row = chip_identity(catalog, index)
+        row.update(chip_counts(prob > threshold, label > 0, usable))
         if bands is not None and green in bands and swir in bands:
             index_map = mndwi(image, bands, green=green, swir=swir)
             row["water_index_fraction"] = float((index_map[valid] > water_threshold).mean()) if valid.any() else 0.0
-        flags = []
-        if row["union"] == 0:
-            flags.append("empty")
-        if row["label_pixels"] and row["iou"] < 0.05:
-            flags.append("tail")
-        row["flags"] = ",".join(flags)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -44,6 +44,7 @@ from workbench.evaluate.metrics import (
     segmentation_summary,
 )
 from workbench.evaluate.objects import DEFAULT_IOU_THRESHOLDS, ObjectMatcher
+from workbench.evaluate.predict import chip_counts, chip_identity
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -218,36 +219,13 @@ class SplitEvaluation:
         return self.objects is not None
 
 
-_IDENTITY_COLUMNS = ("chip_id", "region", "year", "lat", "lon", "split")
-
-
 def _chip_row(
     catalog: pd.DataFrame, index: int, prob: np.ndarray, usable: np.ndarray, truth: np.ndarray, t: float
 ) -> dict[str, Any]:
-    """Identity columns and confusion counts of one chip at threshold `t` (``prob >= t``)."""
-    row: dict[str, Any] = {c: catalog.iloc[index][c] for c in _IDENTITY_COLUMNS if c in catalog.columns}
-    pred = (prob >= t) & usable
-    tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
-    n = int(usable.sum())
-    union = tp + fp + fn
-    flags = ["empty"] if union == 0 else []
-    if tp + fn and union and tp / union < 0.05:
-        flags.append("tail")
-    row.update(
-        store_index=index,
-        threshold=t,
-        valid_pixels=n,
-        tp=tp,
-        fp=fp,
-        fn=fn,
-        tn=n - tp - fp - fn,
-        label_pixels=tp + fn,
-        predicted_pixels=tp + fp,
-        intersection=tp,
-        union=union,
-        iou=tp / union if union else float("nan"),
-        flags=",".join(flags),
-    )
+    """Identity columns and confusion counts of one chip at threshold `t` (``prob >= t``, as the histograms)."""
+    row = chip_identity(catalog, index)
+    row["threshold"] = t
+    row.update(chip_counts(prob >= t, truth, usable))
     return row
 
 
