@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from workbench.io import read_json
 from workbench.params import Params
 from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
@@ -12,11 +14,12 @@ from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, w
 
 def run_review(params: Params, run_dir: Path) -> StageResult:
     """Rank chips by label suspicion, score the ranking against injected noise, draw four-panel figures."""
+    from workbench.data.dataset import ChipDataset
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.predict import iter_split_chips, load_predictions, sigmoid
-    from workbench.figures import four_panel, four_panel_filename
+    from workbench.figures import chip_title, four_panel, four_panel_filename
     from workbench.io import write_bytes_atomic
-    from workbench.review import ReviewChip, prefilter_table, review_table, top_k_scores
+    from workbench.review import ReviewChip, prefilter_table, resolve_top_k, review_table, top_k_scores
 
     run_dir = Path(run_dir)
     cfg = params.review
@@ -35,7 +38,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
                 prepared.store, load_predictions(run_dir, split), prepared.bands
             ):
                 yield ReviewChip(
-                    row={str(k): v for k, v in catalog.iloc[index].items()},
+                    row={**{str(k): v for k, v in catalog.iloc[index].items()}, "store_index": index},
                     image=image,
                     band_names=prepared.bands,
                     label=label,
@@ -52,27 +55,25 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     result = StageResult(tables={"ranking": table.head(25), "prefilter": prefilter_table(table)})
     metrics: dict[str, Any] = {"audit.n_chips": len(table)}
     if "noisy" in table:
-        k = cfg.top_k or max(int(table["noisy"].sum()), 1)
+        k = resolve_top_k(table, cfg)
         scores = top_k_scores(table, k)
         metrics.update(
             {"audit.k": k, "audit.top_k_precision": scores["precision"], "audit.top_k_recall": scores["recall"]}
         )
-    top = table.nsmallest(cfg.n_figures, "rank")
-    wanted = set(top["chip_id"])
-    for chip in chips():
-        if chip.row["chip_id"] not in wanted:
-            continue
-        row = top[top["chip_id"] == chip.row["chip_id"]].iloc[0]
-        title = (
-            f"{row['chip_id']} · {row['region']} {int(row['year'])} · "
-            f"{row['lat']:.4f}N {row['lon']:.4f}E · score {row['score']:.2f}"
-        )
+    # only the top-ranked chips are read again, for their figures
+    predictions = {split: load_predictions(run_dir, split) for split in cfg.splits if (catalog["split"] == split).any()}
+    for _, row in table.nsmallest(cfg.n_figures, "rank").iterrows():
+        index, split_predictions = int(row["store_index"]), predictions[str(row["split"])]
+        position = int(np.flatnonzero(split_predictions["chip_index"].values == index)[0])
+        image, label, valid = ChipDataset(prepared.store, [index], bands=prepared.bands).read_raw(0)
+        prob = sigmoid(np.asarray(split_predictions["logit"][position].values, dtype=np.float32) / temperature)
+        title = chip_title(row["chip_id"], row["region"], int(row["year"]), row["lat"], row["lon"], row["score"])
         fig = four_panel(
-            chip.image,
-            chip.band_names,
-            chip.label,
-            chip.prob,
-            chip.valid,
+            image,
+            prepared.bands,
+            label,
+            prob,
+            valid,
             title,
             water_threshold=cfg.water_index_threshold,
             threshold=threshold,
