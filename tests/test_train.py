@@ -101,15 +101,15 @@ def test_nan_input_stops_the_run_and_names_the_chips(
     params = tiny_params(store)
     prepared = prepare_data(params.data, tmp_path, seed=params.seed)
     bad = int(np.flatnonzero(prepared.catalog["split"].to_numpy() == "train")[5])
-    read = ChipDataset.__getitem__
+    build = ChipDataset.build_sample
 
-    def poisoned(self: ChipDataset, position: int) -> dict[str, Any]:
-        sample = read(self, position)
+    def poisoned(self: ChipDataset, position: int, *arrays: np.ndarray) -> dict[str, Any]:
+        sample = build(self, position, *arrays)
         if sample["index"] == bad:
             sample["image"][0, 3, 3] = float("nan")
         return sample
 
-    monkeypatch.setattr(ChipDataset, "__getitem__", poisoned)
+    monkeypatch.setattr(ChipDataset, "build_sample", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"nonfinite_batch\.json"):
         fit.train_model(params, prepared, tmp_path, resume=False)
     info = json.loads((tmp_path / "failures" / "nonfinite_batch.json").read_text())

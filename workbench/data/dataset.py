@@ -1,7 +1,8 @@
 """PyTorch datasets and the Lightning data module over a chip store.
 
 Chips are read straight from the Zarr arrays (one chunk per chip), so a batch touches only
-its own chips and DataLoader workers each open the store lazily.
+its own chips and DataLoader workers each open the store lazily. DataLoaders fetch a whole
+batch at once through `ChipDataset.__getitems__`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class ChipDataset(Dataset[Sample]):
         readers: dict[str, ChipReader] = self._group
         return readers
 
+    def close(self) -> None:
+        """Release the store's mapped shard files (reads map them again)."""
+        for reader in (self._group or {}).values():
+            reader.close()
+
     def read_raw(self, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw image (selected bands), label and valid mask of the chip at dataset position `position`."""
         chip = int(self.indices[position])
@@ -84,10 +90,41 @@ class ChipDataset(Dataset[Sample]):
         label, valid = readers["label"].read(chip), readers["valid"].read(chip)
         return image.astype(np.float32, copy=False), label, valid.astype(bool, copy=False)
 
+    def read_raw_batch(self, positions: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw images (n, C, H, W), labels (n, H, W) and valid masks of several dataset positions.
+
+        Each chip is read straight into its slot of one batch array, so a batch costs one copy
+        from the page cache per chip and array and no stacking.
+        """
+        chips = self.indices[np.asarray(positions, dtype=np.int64)]
+        readers = self._readers()
+        image = readers["image"].read_batch(chips)
+        if self.band_index != list(range(image.shape[1])):
+            image = image[:, self.band_index]
+        label, valid = readers["label"].read_batch(chips), readers["valid"].read_batch(chips)
+        return image.astype(np.float32, copy=False), label, valid.astype(bool, copy=False)
+
     def __getitem__(self, position: int) -> Sample:
         image, label, valid = self.read_raw(position)
         if self.normalizer is not None:
             image = self.normalizer.apply(image)
+        return self.build_sample(position, image, label, valid)
+
+    def __getitems__(self, positions: Sequence[int]) -> list[Sample]:
+        """The samples of several positions, read in one batched fetch (DataLoader calls this once per batch).
+
+        Equal to `[self[p] for p in positions]`: normalisation runs once over the batch, the rest per sample.
+        """
+        image, label, valid = self.read_raw_batch(positions)
+        if self.normalizer is not None:
+            image = self.normalizer.apply(image)
+        return [self.build_sample(int(p), image[i], label[i], valid[i]) for i, p in enumerate(positions)]
+
+    def build_sample(self, position: int, image: np.ndarray, label: np.ndarray, valid: np.ndarray) -> Sample:
+        """Sample dict of one normalised chip: nodata zeroed, ignore labels set, target derived, augmented.
+
+        `image` may be modified in place (callers pass arrays they own).
+        """
         image = np.asarray(image, dtype=np.float32)
         if not valid.all():
             image = image.copy() if not image.flags.writeable else image
