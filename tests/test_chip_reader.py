@@ -92,6 +92,19 @@ def test_sharded_store_holds_the_written_chips(store: Path) -> None:
         np.testing.assert_array_equal(valid[i], chip.valid)
 
 
+def test_writer_streams_one_shard_at_a_time(tmp_path: Path) -> None:
+    # memory stays bounded: chips are written to disk shard by shard, never all held until the end
+    with StoreWriter(tmp_path / "s", BANDS, shard_chips=SHARD) as writer:
+        for number, chip in enumerate(make_chips(10), start=1):
+            writer.append(chip)
+            assert len(writer._buffer) == number % SHARD
+            assert writer._written == number - number % SHARD
+        assert writer._tmp is not None
+        on_disk = zarr.open_array(str(writer._tmp / "chips.zarr" / "image"), mode="r")
+        assert on_disk.shape[0] == 8  # two full shards already in the temporary store
+    assert ChipReader(tmp_path / "s", "image").shape[0] == 10
+
+
 def test_default_shard_size_follows_chip_bytes(tmp_path: Path) -> None:
     from workbench.data.store import MAX_SHARD_CHIPS, SHARD_TARGET_BYTES
 
