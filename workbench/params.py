@@ -263,6 +263,12 @@ class ReviewParams(StrictModel):
     splits: list[str] = Field(default_factory=lambda: ["train", "val", "test"])
     top_k: int | None = Field(None, ge=1, description="default: the number of injected corruptions, else 20")
     n_figures: int = Field(8, ge=0)
+    out_of_fold: bool = Field(
+        False,
+        description="score train chips with out-of-fold predictions: one model per spatial fold "
+        "(data.split.n_folds) trained without it (costs n_folds extra trainings)",
+    )
+    out_of_fold_epochs: int | None = Field(None, ge=1, description="epochs per fold model (default train.max_epochs)")
 
 
 class Params(StrictModel):

@@ -45,6 +45,38 @@ def iter_chip_logits(
         yield batch["index"].numpy(), logits[:, 0].float().cpu().numpy()
 
 
+def collect_logits(
+    model: nn.Module,
+    dataset: ChipDataset,
+    batch_size: int = 16,
+    tta: str = "none",
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Store indices (n,) and float16 logits (n, H, W) of every chip of `dataset`."""
+    indices: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
+    for batch_indices, batch_logits in iter_chip_logits(model, dataset, batch_size, tta, device):
+        indices.append(batch_indices)
+        logits.append(batch_logits.astype(np.float16))
+    return np.concatenate(indices), np.concatenate(logits)
+
+
+def save_predictions(
+    run_dir: Path, name: str, indices: np.ndarray, logits: np.ndarray, attrs: dict[str, Any] | None = None
+) -> Path:
+    """Write logits (chunked per chip) to `<run_dir>/predictions/<name>.zarr` atomically."""
+    ds = xr.Dataset(
+        {"logit": (("chip", "y", "x"), np.asarray(logits, dtype=np.float16))},
+        coords={"chip_index": ("chip", np.asarray(indices))},
+        attrs=dict(attrs or {}),
+    )
+    dest = Path(run_dir) / PREDICTIONS_DIR / f"{name}.zarr"
+    with atomic_directory(dest, overwrite=True) as tmp:
+        encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}
+        ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
+    return dest
+
+
 def write_predictions(
     run_dir: Path,
     split: str,
@@ -55,21 +87,8 @@ def write_predictions(
     device: str = "cpu",
 ) -> Path:
     """Run the model over a split and store its logits atomically."""
-    indices: list[np.ndarray] = []
-    logits: list[np.ndarray] = []
-    for batch_indices, batch_logits in iter_chip_logits(model, dataset, batch_size, tta, device):
-        indices.append(batch_indices)
-        logits.append(batch_logits.astype(np.float16))
-    ds = xr.Dataset(
-        {"logit": (("chip", "y", "x"), np.concatenate(logits))},
-        coords={"chip_index": ("chip", np.concatenate(indices))},
-        attrs={"split": split, "tta": tta},
-    )
-    dest = Path(run_dir) / PREDICTIONS_DIR / f"{split}.zarr"
-    with atomic_directory(dest, overwrite=True) as tmp:
-        encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}
-        ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
-    return dest
+    indices, logits = collect_logits(model, dataset, batch_size, tta, device)
+    return save_predictions(run_dir, split, indices, logits, {"split": split, "tta": tta})
 
 
 def load_predictions(run_dir: Path, split: str) -> xr.Dataset:

@@ -12,6 +12,21 @@ from workbench.params import Params
 from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
 
 
+def review_predictions(params: Params, run_dir: Path, split: str) -> str:
+    """Name of the predictions that score `split`: out-of-fold ones for train when `review.out_of_fold` is on."""
+    from workbench.evaluate.predict import PREDICTIONS_DIR
+    from workbench.train.crossfit import oof_name
+
+    if not (params.review.out_of_fold and split == "train"):
+        return split
+    if not (Path(run_dir) / PREDICTIONS_DIR / f"{oof_name(split)}.zarr").exists():
+        raise FileNotFoundError(
+            f"review.out_of_fold is on but {run_dir}/{PREDICTIONS_DIR}/{oof_name(split)}.zarr is missing; "
+            "run the training stage (02_train) with the same parameters first"
+        )
+    return oof_name(split)
+
+
 def run_review(params: Params, run_dir: Path) -> StageResult:
     """Rank chips by label suspicion, score the ranking against injected noise, draw four-panel figures."""
     from workbench.data.dataset import ChipDataset
@@ -29,13 +44,13 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     temperature = float(calibration.get("temperature", 1.0))
     threshold = float(calibration.get("threshold", params.evaluate.threshold))
     catalog = prepared.catalog
+    splits = [split for split in cfg.splits if (catalog["split"] == split).any()]
+    sources = {split: review_predictions(params, run_dir, split) for split in splits}
 
     def chips() -> Any:
-        for split in cfg.splits:
-            if not (catalog["split"] == split).any():
-                continue
+        for split in splits:
             for index, image, label, valid, logit in iter_split_chips(
-                prepared.store, load_predictions(run_dir, split), prepared.bands
+                prepared.store, load_predictions(run_dir, sources[split]), prepared.bands
             ):
                 yield ReviewChip(
                     row={**{str(k): v for k, v in catalog.iloc[index].items()}, "store_index": index},
@@ -53,7 +68,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     assert buffer is not None
     write_bytes_atomic(run_dir / DIAGNOSTICS / "review.parquet", buffer)
     result = StageResult(tables={"ranking": table.head(25), "prefilter": prefilter_table(table)})
-    metrics: dict[str, Any] = {"audit.n_chips": len(table)}
+    metrics: dict[str, Any] = {"audit.n_chips": len(table), "audit.out_of_fold": "train_oof" in sources.values()}
     if "noisy" in table:
         k = resolve_top_k(table, cfg)
         scores = top_k_scores(table, k)
@@ -61,7 +76,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
             {"audit.k": k, "audit.top_k_precision": scores["precision"], "audit.top_k_recall": scores["recall"]}
         )
     # only the top-ranked chips are read again, for their figures
-    predictions = {split: load_predictions(run_dir, split) for split in cfg.splits if (catalog["split"] == split).any()}
+    predictions = {split: load_predictions(run_dir, sources[split]) for split in splits}
     for _, row in table.nsmallest(cfg.n_figures, "rank").iterrows():
         index, split_predictions = int(row["store_index"]), predictions[str(row["split"])]
         position = int(np.flatnonzero(split_predictions["chip_index"].values == index)[0])

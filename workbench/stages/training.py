@@ -44,6 +44,8 @@ def prediction_splits(params: Params) -> list[str]:
 def run_training(params: Params, run_dir: Path) -> StageResult:
     """Train, save the model bundle, predict every needed split once, score val/test at 0.5, and report.
 
+    With `review.out_of_fold` the train split is also predicted out of fold (`workbench.train.crossfit`).
+
     Besides the scores, the result holds the data and sampler summary (`split_summary`,
     `sampler_composition`), the model card (`model_parts`, `param_groups`), `warnings` (tiny
     learning rates, train-validation divergence) and the figures `training_curves` and
@@ -74,6 +76,10 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
         dataset = ChipDataset(prepared.store, positions, bands=prepared.bands, normalizer=normalizer)
         write_predictions(run_dir, split, model, dataset, params.data.batch_size, tta=params.evaluate.tta)
     metrics = dict(trained.metrics)
+    if params.review.out_of_fold and "train" in params.review.splits:
+        from workbench.train.crossfit import out_of_fold_predictions
+
+        metrics.update(out_of_fold_predictions(params, prepared, run_dir, "train"))
     for split in ("val", "test"):
         table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
         result.tables[f"per_chip_{split}"] = table
