@@ -167,7 +167,10 @@ def per_chip_table(
     swir: str = "B11",
     water_threshold: float = 0.0,
 ) -> pd.DataFrame:
-    """One row per chip: identity, pixel counts, intersection/union/IoU and the water-index fraction."""
+    """One row per chip: identity, pixel counts, intersection/union/IoU and the water-index fraction.
+
+    A pixel is predicted positive when its probability is `>= threshold`, as in calibration and review.
+    """
     from workbench.indices import mndwi
 
     rows = []
@@ -175,7 +178,7 @@ def per_chip_table(
         prob = sigmoid(logit / temperature)
         usable = valid & (label != IGNORE_INDEX)
         row = chip_identity(catalog, index)
-        row.update(chip_counts(prob > threshold, label > 0, usable))
+        row.update(chip_counts(prob >= threshold, label > 0, usable))
         if bands is not None and green in bands and swir in bands:
             index_map = mndwi(image, bands, green=green, swir=swir)
             row["water_index_fraction"] = float((index_map[valid] > water_threshold).mean()) if valid.any() else 0.0
