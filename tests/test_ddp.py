@@ -120,3 +120,48 @@ def test_ddp_on_cpu_uses_gloo_and_finds_unused_parameters_when_needed() -> None:
     frozen = fit.build_strategy(load_params(None, [*base, "train.optimizer.freeze_backbone_epochs=2"]))
     assert frozen._ddp_kwargs["find_unused_parameters"] is True
     assert fit.build_strategy(load_params(None, ["experiment=x"])) == "auto"
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.data.dataset import ChipDataset
+
+    params = load_params(
+        ROOT / "params" / "demo.yaml",
+        [
+            f"data.store={tmp_path / 'store'}",
+            "data.synthetic.n_chips=48",
+            "data.synthetic.chip_size=32",
+            "data.batch_size=4",
+            "data.sampler.kind=random",
+            "model.architecture=satunet",
+            "model.base_channels=8",
+            "train.max_epochs=1",
+            "train.progress_bar=false",
+            "train.strategy=ddp_fork",
+            "train.devices=2",
+        ],
+    )
+    run_dir = tmp_path / "run"
+    prepared = prepare_data(params.data, run_dir, seed=params.seed)
+    bad = int(np.flatnonzero(prepared.catalog["split"].to_numpy() == "train")[3])
+    build = ChipDataset.build_sample
+
+    def poisoned(self: ChipDataset, position: int, *arrays: np.ndarray) -> dict[str, object]:
+        sample = build(self, position, *arrays)
+        if sample["index"] == bad:
+            sample["image"][0, 3, 3] = float("nan")
+        return sample
+
+    monkeypatch.setattr(ChipDataset, "build_sample", poisoned)  # inherited by the forked processes
+    with pytest.raises(Exception, match="loss"):
+        fit.train_model(params, prepared, run_dir, resume=False)
+    records = [json.loads(path.read_text()) for path in sorted((run_dir / "failures").glob("nonfinite_batch*.json"))]
+    assert len(records) == 2  # both processes stopped and recorded their batch
+    poisoned_records = [record for record in records if bad in record["chip_index"]]
+    clean_records = [record for record in records if bad not in record["chip_index"]]
+    assert len(poisoned_records) == 1 and len(clean_records) == 1
+    assert poisoned_records[0]["nonfinite_input_chips"] == [bad]
+    assert np.isfinite(float(clean_records[0]["loss"])) and not np.isfinite(float(poisoned_records[0]["loss"]))
+    assert poisoned_records[0]["step"] == clean_records[0]["step"]

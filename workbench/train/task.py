@@ -128,11 +128,17 @@ class SegmentationTask(L.LightningModule):
         logits = self(batch["image"])
         mask = loss_mask(batch)
         loss, parts = self.criterion(logits.float(), batch["target"].float(), mask)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss.detach()))
+        if not self._finite_on_every_rank(finite):
             saved = self._save_failure(batch, stage, float(loss.detach()))
             where = f"chip ids saved to {saved}" if saved else "no failure directory set"
+            what = (
+                f"{stage} loss is {float(loss.detach())}"
+                if not finite
+                else f"{stage} loss of another process is not finite"
+            )
             raise NonFiniteLossError(
-                f"{stage} loss is {float(loss.detach())} at epoch {self.current_epoch}, step {self.global_step}; "
+                f"{what} at epoch {self.current_epoch}, step {self.global_step}; "
                 f"{where} (lower the learning rate, use bf16 instead of fp16, or check those chips for bad values)"
             )
         counter = self.stage_counts[f"{stage}_pixels"]
@@ -144,8 +150,22 @@ class SegmentationTask(L.LightningModule):
             self.log(f"{stage}/loss_{name}", value, batch_size=batch_size, sync_dist=stage != "train")
         return loss, logits
 
+    def _finite_on_every_rank(self, finite: bool) -> bool:
+        """Whether the loss is finite on every process, so that all of them stop together.
+
+        Under DDP a process that stopped alone would leave the others waiting in their next collective
+        call until the timeout; one all-reduce of a flag per step lets every process stop at the same step.
+        """
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return finite
+        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+
     def _save_failure(self, batch: Sample, stage: str, loss: float) -> Path | None:
-        """Write the batch's store positions and chip ids to `<failure_dir>/nonfinite_batch.json`."""
+        """Write the batch's store positions and chip ids to `<failure_dir>/nonfinite_batch.json`.
+
+        Under DDP every process writes its own batch (`nonfinite_batch_rank<r>.json` beyond rank 0),
+        the one with the non-finite loss and those that stopped with it.
+        """
         if self.failure_dir is None:
             return None
         from workbench.io import write_json_atomic
