@@ -165,3 +165,57 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(
     assert poisoned_records[0]["nonfinite_input_chips"] == [bad]
     assert np.isfinite(float(clean_records[0]["loss"])) and not np.isfinite(float(poisoned_records[0]["loss"]))
     assert poisoned_records[0]["step"] == clean_records[0]["step"]
+
+
+class DumpEMATargets(L.Callback):
+    """At train end, in the training process: the raw weights and the weights the EMA says the run keeps."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from workbench.train.ema import EMACallback
+
+        if not trainer.is_global_zero:
+            return
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMACallback)).ema  # type: ignore[attr-defined]
+        raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        kept = dict(raw)
+        kept.update({k: v.clone() for k, v in [*ema.shadow.items(), *ema.buffers.items()]})
+        torch.save({"raw": raw, "kept": kept}, self.directory / "ema-targets.pt")
+
+
+def test_ddp_fork_returns_and_saves_the_ema_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = load_params(
+        ROOT / "params" / "demo.yaml",
+        [
+            f"data.store={tmp_path / 'store'}",
+            "data.synthetic.n_chips=48",
+            "data.synthetic.chip_size=32",
+            "data.batch_size=4",
+            "model.architecture=satunet",
+            "model.base_channels=8",
+            "train.max_epochs=1",
+            "train.progress_bar=false",
+            "train.strategy=ddp_fork",
+            "train.devices=2",
+            "train.ema.enabled=true",
+            "train.ema.decay=0.5",
+        ],
+    )
+    run_dir = tmp_path / "run"
+    prepared = prepare_data(params.data, run_dir, seed=params.seed)
+    original = fit.build_callbacks
+    monkeypatch.setattr(fit, "build_callbacks", lambda *a: [*original(*a), DumpEMATargets(tmp_path)])
+    trained = fit.train_model(params, prepared, run_dir, resume=False)
+
+    targets = torch.load(tmp_path / "ema-targets.pt", weights_only=True)
+    returned = trained.task.state_dict()  # what the main process got back from the training processes
+    params_names = [name for name, _ in trained.task.named_parameters()]
+    assert any(not torch.equal(targets["raw"][k], targets["kept"][k]) for k in params_names)  # EMA differs
+    assert all(torch.equal(returned[k].float(), targets["kept"][k].float()) for k in params_names)
+    from workbench.models.bundle import load_bundle
+
+    bundle = load_bundle(run_dir / "model")
+    for name, value in bundle.model.state_dict().items():
+        assert torch.equal(value.float(), targets["kept"][f"model.{name}"].float())

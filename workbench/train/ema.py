@@ -303,6 +303,23 @@ class SnapshotCallback(Callback):
         self.saved = list(state_dict.get("saved", []))
 
 
+class FinalWeightsCallback(Callback):
+    """At the end of fit, leave the module holding the weights the run keeps: EMA averages, then a soup.
+
+    It runs where training ran, so launchers that train in child processes (ddp_spawn, ddp_fork)
+    hand these weights back to the main process rather than the raw last-step weights, and every
+    launcher saves and predicts with the same model. Put it after the EMA and snapshot callbacks.
+    """
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, EMACallback) and callback.ema.initialized:
+                callback.ema.swap_in(pl_module)  # for good: the averaged weights were the ones validated
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, SnapshotCallback) and callback.saved:
+                pl_module.load_state_dict(soup_from_directory(callback.directory))
+
+
 def save_state_dict(state: Mapping[str, Any], path: Path) -> Path:
     """torch.save a state dict with CPU tensors, atomically."""
     cpu_state = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}

@@ -278,6 +278,10 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
         callbacks.append(build_snapshot_callback(cfg.swa, cfg.max_epochs, run_dir / "snapshots"))
     if cfg.early_stopping.enabled:
         callbacks.append(GatedEarlyStopping(cfg.early_stopping))
+    if cfg.ema.enabled or cfg.swa.soup_snapshots:
+        from workbench.train.ema import FinalWeightsCallback
+
+        callbacks.append(FinalWeightsCallback())  # last: after EMA and snapshots
     return callbacks
 
 
@@ -494,7 +498,7 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     seconds = time.perf_counter() - started
     model_dir = run_dir / "model"
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
-        save_trained_model(params, prepared, task, run_dir, callbacks)
+        save_trained_model(params, prepared, task, run_dir)
         write_run_info(params, model_dir, resumed_from=str(last) if resumed else None)
     metrics = {
         "train.seconds": seconds,
@@ -529,18 +533,11 @@ def write_run_info(params: Params, model_dir: Path, resumed_from: str | None = N
     return write_json_atomic(Path(model_dir) / "run_info.json", info)
 
 
-def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_dir: Path, callbacks: list[Any]) -> Path:
-    """Save the final weights (EMA weights when EMA is on, a soup when snapshots were taken) as a bundle."""
+def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_dir: Path) -> Path:
+    """Save the task's final weights as a bundle (EMA averages or a soup, put in place by FinalWeightsCallback)."""
     from workbench.data.store import read_store_meta
     from workbench.models.bundle import save_bundle
-    from workbench.train.ema import EMACallback, SnapshotCallback, soup_from_directory
 
-    for callback in callbacks:
-        if isinstance(callback, EMACallback) and callback.ema.initialized:
-            callback.ema.swap_in(task)  # keep the averaged weights: they were the ones validated
-    for callback in callbacks:
-        if isinstance(callback, SnapshotCallback) and callback.saved:
-            task.load_state_dict(soup_from_directory(callback.directory))
     model = getattr(task.model, "_orig_mod", task.model)
     meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
     model_dir = run_dir / "model"
