@@ -525,8 +525,9 @@ class ChipReader:
             index_bytes = self.shard_chips * 16 + 4
             if size < index_bytes:
                 raise StoreError(f"{file} holds {size} bytes, too few for its chunk index; rewrite the store")
-            raw = os.pread(fd, index_bytes, size - index_bytes if self.index_at_end else 0)
-            index = _decode_shard_index(raw, self.shard_chips, file)
+            raw = np.empty(index_bytes, dtype=np.uint8)
+            _pread_into(fd, raw, size - index_bytes if self.index_at_end else 0)
+            index = _decode_shard_index(raw.tobytes(), self.shard_chips, file)
             written = index[:, 0] != _EMPTY_CHUNK
             if written.any() and int((index[written, 0] + index[written, 1]).max()) > size:
                 raise StoreError(f"{file}: its chunk index points past the end of the file; rewrite the store")
@@ -587,6 +588,13 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
     """
     view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     total = len(view)
+    if not hasattr(os, "preadv"):  # Windows: seek and read through a file object on the same descriptor
+        with open(fd, "rb", buffering=0, closefd=False) as handle:
+            handle.seek(offset)
+            done = 0
+            while done < total and (count := handle.readinto(view[done:])):
+                done += count
+            return done
     done = os.preadv(fd, [view], offset)
     while 0 < done < total:  # short reads happen on signals and some file systems
         count = os.preadv(fd, [view[done:]], offset + done)
