@@ -12,7 +12,7 @@ import torch
 
 from workbench.data.prepare import prepare_data
 from workbench.data.store import IGNORE_INDEX, ChipReader
-from workbench.params import load_params
+from workbench.params import Params, load_params
 from workbench.train import fit
 from workbench.train.task import PixelCounts, SegmentationTask
 
@@ -34,6 +34,26 @@ def _one_thread(one_thread: None) -> None:
     """Every test here runs on one torch thread."""
 
 
+def two_process_params(tmp_path: Path, *extra: str) -> Params:
+    """Demo parameters for a one-epoch run of a narrow SatUNet in two forked CPU processes."""
+    return load_params(
+        ROOT / "params" / "demo.yaml",
+        [
+            f"data.store={tmp_path / 'store'}",
+            "data.synthetic.n_chips=48",
+            "data.synthetic.chip_size=32",
+            "data.batch_size=4",
+            "model.architecture=satunet",
+            "model.base_channels=8",
+            "train.max_epochs=1",
+            "train.progress_bar=false",
+            "train.strategy=ddp_fork",
+            "train.devices=2",
+            *extra,
+        ],
+    )
+
+
 def scored_pixels(store: Path, positions: np.ndarray) -> int:
     """Valid, labelled pixels of the chips at `positions`, read straight from the store."""
     labels, valids = ChipReader(store, "label"), ChipReader(store, "valid")
@@ -41,22 +61,7 @@ def scored_pixels(store: Path, positions: np.ndarray) -> int:
 
 
 def test_two_process_ddp_on_cpu_agrees_and_pools_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    params = load_params(
-        ROOT / "params" / "demo.yaml",
-        [
-            f"data.store={tmp_path / 'store'}",
-            "data.synthetic.n_chips=48",
-            "data.synthetic.chip_size=32",
-            "data.batch_size=4",
-            "data.sampler.kind=balanced",
-            "model.architecture=satunet",
-            "model.base_channels=8",
-            "train.max_epochs=1",
-            "train.progress_bar=false",
-            "train.strategy=ddp_fork",
-            "train.devices=2",
-        ],
-    )
+    params = two_process_params(tmp_path, "data.sampler.kind=balanced")
     run_dir = tmp_path / "run"
     prepared = prepare_data(params.data, run_dir, seed=params.seed)
     val = np.flatnonzero(prepared.catalog["split"].to_numpy() == "val")
@@ -127,22 +132,7 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(
 ) -> None:
     from workbench.data.dataset import ChipDataset
 
-    params = load_params(
-        ROOT / "params" / "demo.yaml",
-        [
-            f"data.store={tmp_path / 'store'}",
-            "data.synthetic.n_chips=48",
-            "data.synthetic.chip_size=32",
-            "data.batch_size=4",
-            "data.sampler.kind=random",
-            "model.architecture=satunet",
-            "model.base_channels=8",
-            "train.max_epochs=1",
-            "train.progress_bar=false",
-            "train.strategy=ddp_fork",
-            "train.devices=2",
-        ],
-    )
+    params = two_process_params(tmp_path, "data.sampler.kind=random")
     run_dir = tmp_path / "run"
     prepared = prepare_data(params.data, run_dir, seed=params.seed)
     bad = int(np.flatnonzero(prepared.catalog["split"].to_numpy() == "train")[3])
@@ -186,23 +176,7 @@ class DumpEMATargets(L.Callback):
 
 
 def test_ddp_fork_returns_and_saves_the_ema_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    params = load_params(
-        ROOT / "params" / "demo.yaml",
-        [
-            f"data.store={tmp_path / 'store'}",
-            "data.synthetic.n_chips=48",
-            "data.synthetic.chip_size=32",
-            "data.batch_size=4",
-            "model.architecture=satunet",
-            "model.base_channels=8",
-            "train.max_epochs=1",
-            "train.progress_bar=false",
-            "train.strategy=ddp_fork",
-            "train.devices=2",
-            "train.ema.enabled=true",
-            "train.ema.decay=0.5",
-        ],
-    )
+    params = two_process_params(tmp_path, "train.ema.enabled=true", "train.ema.decay=0.5")
     run_dir = tmp_path / "run"
     prepared = prepare_data(params.data, run_dir, seed=params.seed)
     original = fit.build_callbacks
