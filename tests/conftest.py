@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -11,6 +14,18 @@ from workbench.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_fakes() -> ModuleType:
+    """tests/data/fakes.py (generators of small files in the real layouts), imported once."""
+    if "eo_fakes" in sys.modules:
+        return sys.modules["eo_fakes"]
+    spec = importlib.util.spec_from_file_location("eo_fakes", Path(__file__).parent / "data" / "fakes.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eo_fakes"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -354,3 +354,100 @@ def test_terramind_checkpoint_reproduces_backbone(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = source.encoder(source.split_modalities(x))[-1]
         torch.testing.assert_close(model.encoder(model.split_modalities(x))[-1], expected)
+
+
+# --------------------------------------------------------------------------- TerraMind over time steps
+
+
+def steps_labels(steps: int) -> tuple[list[str], list[str]]:
+    """Band names and modality labels of `steps` consecutive groups, suffixed _t<k>."""
+    bands = [f"{name}_t{k}" for k in range(steps) for name in BANDS]
+    modalities = [f"{mod}_t{k}" for k in range(steps) for mod in MODALITIES]
+    return bands, modalities
+
+
+def temporal_params(steps: int, pooling: str) -> ModelParams:
+    config = TerraMindConfig(decoder="UperNet", decoder_channels=16, timesteps=steps, temporal_pooling=pooling)
+    return _params(architecture="terramind", terramind=config)
+
+
+def test_terramind_mean_over_identical_time_steps_equals_the_single_step_model() -> None:
+    torch.manual_seed(0)
+    single = _build(temporal_params(1, "mean"), in_channels=15, band_names=BANDS, modalities=MODALITIES).eval()
+    bands, modalities = steps_labels(3)
+    temporal = _build(temporal_params(3, "mean"), in_channels=45, band_names=bands, modalities=modalities).eval()
+    temporal.load_state_dict(single.state_dict())  # mean pooling keeps every width: the same weights fit
+    x = torch.randn(2, 15, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(temporal(torch.cat([x, x, x], dim=1)), single(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "concat"])
+def test_terramind_temporal_pooling_order_sensitivity(pooling: str) -> None:
+    torch.manual_seed(1)
+    bands, modalities = steps_labels(2)
+    model = _build(temporal_params(2, pooling), in_channels=30, band_names=bands, modalities=modalities).eval()
+    first, second = torch.randn(1, 15, 32, 32), torch.randn(1, 15, 32, 32)
+    with torch.no_grad():
+        forward = model(torch.cat([first, second], dim=1))
+        backward = model(torch.cat([second, first], dim=1))
+    assert forward.shape == (1, 1, 32, 32)
+    if pooling == "concat":  # the decoder sees which step came first
+        assert not torch.allclose(forward, backward)
+    else:  # mean and max do not depend on the order of the time steps
+        torch.testing.assert_close(forward, backward, rtol=1e-4, atol=1e-5)
+
+
+def test_terramind_concat_pooling_widens_the_decoder_input_and_trains() -> None:
+    torch.manual_seed(2)
+    bands, modalities = steps_labels(4)
+    model = _build(temporal_params(4, "concat"), in_channels=60, band_names=bands, modalities=modalities)
+    single = _build(temporal_params(1, "concat"), in_channels=15, band_names=BANDS, modalities=MODALITIES)
+    widths = {n: p.shape for n, p in model.decoder.named_parameters()}
+    single_widths = {n: p.shape for n, p in single.decoder.named_parameters()}
+    assert any(widths[n] != single_widths[n] for n in widths)  # four times the features reach the decoder
+    logits = model(torch.randn(2, 60, 32, 32))
+    nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)).backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+
+
+def test_terramind_time_steps_must_repeat_the_same_bands() -> None:
+    bands, modalities = steps_labels(2)
+    with pytest.raises(ModelConfigError, match="needs a multiple of 2 input bands, got 29"):
+        _build(temporal_params(2, "concat"), in_channels=29, band_names=bands[:29], modalities=modalities[:29])
+    swapped = [*bands[:15], *bands[16:17], *bands[15:16], *bands[17:]]
+    with pytest.raises(ModelConfigError, match="time step 1 holds bands"):
+        _build(temporal_params(2, "concat"), in_channels=30, band_names=swapped, modalities=modalities)
+    mislabelled = [*bands[:14], "DEM_t1", *bands[15:]]
+    with pytest.raises(ModelConfigError, match=r"band labels \['DEM_t1'\] sit in time step 0"):
+        _build(temporal_params(2, "concat"), in_channels=30, band_names=mislabelled, modalities=modalities)
+
+
+def test_time_steps_from_geotiffs_per_modality_and_step_feed_terramind(tmp_path: Path) -> None:
+    """One GeoTIFF per modality and time step, ingested into a store, builds and runs a two-step model."""
+    from conftest import load_fakes
+
+    from workbench.data.ingest import ingest
+    from workbench.data.store import read_store_meta
+
+    fakes = load_fakes()
+    transform = fakes.utm_transform()
+    images = []
+    for step in range(2):
+        for modality, count in (("S1RTC", 2), ("DEM", 1)):
+            path = tmp_path / f"{modality}_t{step}.tif"
+            fakes.write_tif(path, fakes.band_pattern(count, 32, 32) + step, transform, fakes.UTM_CRS)
+            images.append(path.name)
+    fakes.write_tif(tmp_path / "label.tif", fakes.square_label(32, 32, 4, 4, 8), transform, fakes.UTM_CRS)
+    names = ["VV_t0", "VH_t0", "DEM_t0", "VV_t1", "VH_t1", "DEM_t1"]
+    ingest("geotiff", tmp_path, tmp_path / "store", chip_size=32, progress=False,
+           images=images, label="label.tif", band_names=names)  # fmt: skip
+    meta = read_store_meta(tmp_path / "store")
+    bands = [band["name"] for band in meta["bands"]]
+    modalities = [band["modality"] for band in meta["bands"]]
+    assert bands == names and modalities == ["S1RTC_t0", "S1RTC_t0", "DEM_t0", "S1RTC_t1", "S1RTC_t1", "DEM_t1"]
+    config = TerraMindConfig(modalities=["S1RTC", "DEM"], decoder_channels=16, timesteps=2)
+    model = _build(_params(architecture="terramind", terramind=config), 6, band_names=bands, modalities=modalities)
+    assert model.channels_S1RTC.tolist() == [0, 1] and model.channels_DEM.tolist() == [2]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 6, 32, 32)).shape == (1, 1, 32, 32)

@@ -19,7 +19,10 @@ S2 = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11
 RECIPES = {
     # file: (band names, modality per band)
     "cryosentinel": ([*S2, "VV", "VH", "DEM"], ["S2L2A"] * 12 + ["S1GRD"] * 2 + ["DEM"]),
-    "impactmesh_flood": ([*S2, "VV", "VH", "DEM"], ["S2L2A"] * 12 + ["S1RTC"] * 2 + ["DEM"]),
+    "impactmesh_flood": (  # four time steps of S2L2A, S1RTC and DEM
+        [f"{band}_t{k}" for k in range(4) for band in [*S2, "VV", "VH", "DEM"]],
+        [f"{mod}_t{k}" for k in range(4) for mod in ["S2L2A"] * 12 + ["S1RTC"] * 2 + ["DEM"]],
+    ),
     "thaw_slumps": (["red", "green", "blue"], ["RGB"] * 3),
     "cloud38": (["red", "green", "blue", "nir"], ["L8"] * 4),
     "landslide4sense": ([f"B{i}" for i in range(1, 13)] + ["slope", "DEM"], ["S2"] * 12 + ["slope", "DEM"]),

@@ -3,12 +3,11 @@ real samples in ../shared/data (skipped when absent)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_fakes
 
 from workbench.data.ingest import FORMATS, UnknownFormatError, ingest, parse_option, parse_options, reader_options
 from workbench.data.sources import SourceError, chip_count, map_classes, tile_windows
@@ -22,17 +21,7 @@ from workbench.data.sources.terramesh import read_terramesh
 from workbench.data.sources.vector import rasterize_polygons, read_polygons, read_vector
 from workbench.data.store import IGNORE_INDEX, open_store, read_catalog, read_store_meta
 
-
-def _load_fakes():
-    spec = importlib.util.spec_from_file_location("eo_fakes", Path(__file__).parent / "data" / "fakes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eo_fakes"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fakes = _load_fakes()
+fakes = load_fakes()
 
 
 def wgs84(crs: str, x: float, y: float) -> tuple[float, float]:

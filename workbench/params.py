@@ -126,6 +126,12 @@ class TerraMindConfig(StrictModel):
     decoder_channels: int | list[int] = 256
     tap_indices: list[int] | None = Field(None, description="ViT blocks fed to the decoder; default spread evenly")
     checkpoint: Path | None = Field(None, description="local TerraMind checkpoint (.pt/.safetensors)")
+    timesteps: int = Field(
+        1, ge=1, description="time steps per chip: the bands hold this many consecutive groups, names ending _t<k>"
+    )
+    temporal_pooling: Literal["concat", "mean", "max"] = Field(
+        "concat", description="how the encoder's per-time-step features are combined before the decoder"
+    )
 
 
 class ModelParams(StrictModel):

@@ -6,6 +6,11 @@ map per block; the neck selects the tapped blocks and reshapes their tokens to i
 an UperNet decoder reads them directly, a UNet decoder first gets a learned pyramid (1/4 .. 1/32). The
 head's logits are upsampled to the input size.
 
+Several time steps (`model.terramind.timesteps` = T) arrive as T consecutive groups of the same bands
+(names and modality labels may end in `_t<k>`). The encoder runs on every time step and its token maps
+are pooled over time before the neck: `concat` stacks them along the feature axis (the decoder sees T
+times the width, as terratorch's TemporalWrapper does), `mean` and `max` reduce them.
+
 The backbone is always built with pretrained=False (no download); a local checkpoint can be loaded with
 `model.terramind.checkpoint`. Positional embeddings are interpolated, so any multiple of the 16-pixel
 patch works (224 is not required); other sizes are reflect-padded up to the next multiple and cropped back.
@@ -119,6 +124,67 @@ def modality_channels(
     return channels
 
 
+_TIMESTEP = re.compile(r"^(.*?)[_@]t(\d+)$", re.IGNORECASE)
+
+
+def strip_timestep(name: str) -> tuple[str, int | None]:
+    """('B02_t3') -> ('B02', 3); a name without a time-step suffix -> (name, None)."""
+    match = _TIMESTEP.match(name.strip())
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
+def timestep_groups(
+    timesteps: int, in_channels: int, modalities: list[str] | None, band_names: list[str] | None
+) -> tuple[int, list[str] | None, list[str] | None]:
+    """Channels per time step and the first step's modality labels and band names, checked for every step.
+
+    The input must hold `timesteps` consecutive groups of the same bands; a band or modality label that
+    carries a `_t<k>` suffix must carry the number of its group.
+    """
+    if in_channels % timesteps:
+        raise ModelConfigError(
+            f"model.terramind.timesteps={timesteps} needs a multiple of {timesteps} input bands, got {in_channels}"
+        )
+    per_step = in_channels // timesteps
+    firsts: list[list[str] | None] = []
+    for labels, what in ((modalities, "modality"), (band_names, "band")):
+        if labels is None:
+            firsts.append(None)
+            continue
+        first: list[str] = []
+        for step in range(timesteps):
+            group = labels[step * per_step : (step + 1) * per_step]
+            parsed = [strip_timestep(label) for label in group]
+            wrong = [label for label, (_, k) in zip(group, parsed, strict=True) if k is not None and k != step]
+            if wrong:
+                raise ModelConfigError(f"{what} labels {wrong} sit in time step {step}'s group of bands")
+            bases = [base for base, _ in parsed]
+            if step == 0:
+                first = bases
+            elif bases != first:
+                raise ModelConfigError(
+                    f"time step {step} holds {what}s {bases}, time step 0 holds {first}; every step needs the "
+                    "same bands in the same order"
+                )
+        firsts.append(first)
+    return per_step, firsts[0], firsts[1]
+
+
+def pool_over_time(tokens: torch.Tensor, timesteps: int, pooling: str) -> torch.Tensor:
+    """(B*T, L, D) token maps of T time steps -> (B, L, T*D) for concat, (B, L, D) for mean or max."""
+    if timesteps == 1:
+        return tokens
+    batch_steps, length, width = tokens.shape
+    stacked = tokens.reshape(batch_steps // timesteps, timesteps, length, width)
+    if pooling == "concat":
+        return stacked.permute(0, 2, 1, 3).reshape(batch_steps // timesteps, length, timesteps * width)
+    if pooling == "mean":
+        return stacked.mean(dim=1)
+    if pooling == "max":
+        return stacked.amax(dim=1)
+    raise ModelConfigError(f"unknown temporal pooling {pooling!r}; use concat, mean or max")
+
+
 def _tap_indices(params: ModelParams, depth: int) -> list[int]:
     config = params.terramind
     taps = list(config.tap_indices) if config.tap_indices is not None else default_tap_indices(depth)
@@ -165,8 +231,12 @@ class TerraMindSegmenter(nn.Module):
         head: nn.Module,
         num_backbone_layers: int,
         min_size: int,
+        timesteps: int = 1,
+        temporal_pooling: str = "concat",
     ) -> None:
         super().__init__()
+        self.timesteps = timesteps
+        self.temporal_pooling = temporal_pooling
         self.encoder = encoder
         self.neck = neck
         self.decoder = decoder
@@ -183,7 +253,7 @@ class TerraMindSegmenter(nn.Module):
         return {mod: x.index_select(1, getattr(self, f"channels_{mod}")) for mod in self.modalities}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> logits (B, num_classes, H, W)."""
+        """(B, C, H, W) -> logits (B, num_classes, H, W); C = timesteps x the bands of one time step."""
         height, width = x.shape[-2:]
         if min(height, width) < self.min_size:
             raise ValueError(
@@ -194,7 +264,10 @@ class TerraMindSegmenter(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         size = (x.shape[-2], x.shape[-1])
+        if self.timesteps > 1:  # every time step through the encoder as one batch: (B, T*C, H, W) -> (B*T, C, H, W)
+            x = x.reshape(x.shape[0] * self.timesteps, x.shape[1] // self.timesteps, *size)
         tokens = self.encoder(self.split_modalities(x))
+        tokens = [pool_over_time(t, self.timesteps, self.temporal_pooling) for t in tokens]
         features = self.neck(tokens, image_size=size)
         logits = self.head(self.decoder(features))
         if logits.shape[-2:] != size:
@@ -211,7 +284,9 @@ def build_terramind(
     requested = [normalise_modality(m) for m in config.modalities]
     if len(set(requested)) != len(requested):
         raise ModelConfigError(f"model.terramind.modalities lists a modality twice: {config.modalities}")
-    channels = modality_channels(requested, in_channels, modalities, band_names)
+    steps = config.timesteps
+    per_step, step_modalities, step_bands = timestep_groups(steps, in_channels, modalities, band_names)
+    channels = modality_channels(requested, per_step, step_modalities, step_bands)
     depth = BLOCKS_PER_SIZE[config.size]
     taps = _tap_indices(params, depth)
     widths = _decoder_widths(params)
@@ -232,7 +307,8 @@ def build_terramind(
     ]
     if config.decoder == "UNet":
         neck_ops.append({"name": "LearnedInterpolateToPyramidal"})
-    necks, neck_channels = build_neck_list(neck_ops, list(encoder.out_channels))
+    widen = steps if config.temporal_pooling == "concat" else 1
+    necks, neck_channels = build_neck_list(neck_ops, [c * widen for c in encoder.out_channels])
     decoder: nn.Module
     if config.decoder == "UNet":
         assert isinstance(widths, list)
@@ -243,6 +319,8 @@ def build_terramind(
         decoder = UperNetDecoder(embed_dim=neck_channels, channels=widths)
         min_size = PATCH_SIZE
     head = SegmentationHead(decoder.out_channels, num_classes=params.num_classes)
-    model = TerraMindSegmenter(encoder, channels, NeckSequential(*necks), decoder, head, depth, min_size)
+    model = TerraMindSegmenter(
+        encoder, channels, NeckSequential(*necks), decoder, head, depth, min_size, steps, config.temporal_pooling
+    )
     model.weights_report = report.as_dict() if report else None
     return model
