@@ -126,3 +126,41 @@ def test_write_catalog_keeps_order(tmp_path: Path) -> None:
     assert list(open_store(tmp_path / "s")["split"].values) == ["train", "val", "test"]
     with pytest.raises(StoreError, match="same order"):
         write_catalog(tmp_path / "s", catalog.iloc[::-1])
+
+
+def test_open_store_without_dask_reads_selected_chips_through_the_chip_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.data.store import ChipReader
+
+    chips = [make_chip(i) for i in range(12)]
+    with StoreWriter(tmp_path / "s", BANDS, source="unit", shard_chips=5) as writer:
+        for chip in chips:
+            writer.append(chip)
+    eager = open_store(tmp_path / "s")
+    fast = open_store(tmp_path / "s", dask=False)
+    assert fast["image"].chunks is None and eager["image"].chunks is not None
+    assert set(fast.coords) == set(eager.coords) and fast["image"].dtype == np.float32
+    selections = [
+        {"chip": [7, 2, 11]},
+        {"chip": 4},
+        {"chip": slice(3, 9, 2), "band": [2, 0]},
+        {"chip": [1], "y": slice(2, 6), "x": 5},
+    ]
+    for selection in selections:
+        for name in ("image", "label", "valid"):
+            if name != "image" and "band" in selection:
+                continue
+            np.testing.assert_array_equal(fast[name].isel(selection).values, eager[name].isel(selection).values)
+    np.testing.assert_array_equal(fast["image"].sel(band="VV").isel(chip=0).values, chips[0].image[2] * chips[0].valid)
+    read: list[list[int]] = []
+    original = ChipReader.read_batch
+
+    def spy(self: ChipReader, indices: object, out: object = None) -> np.ndarray:
+        read.append([int(i) for i in np.asarray(indices)])
+        return original(self, indices, out)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChipReader, "read_batch", spy)
+    labels = fast["label"].isel(chip=[10, 3]).values
+    assert labels.shape == (2, 8, 8)
+    assert read == [[3, 10]] or read == [[10, 3]]  # only the selected chips are read

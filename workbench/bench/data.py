@@ -11,7 +11,9 @@
       of the batch array);
     - ``store_per_chip``: the store read sample by sample (``read_raw``), then stacked, as a per-sample
       ``__getitem__`` loader would;
-    - ``store_xarray``: the lazy xarray view (`open_store`), convenient for exploration, not for loading;
+    - ``store_xarray``: the xarray view (`open_store(dask=False)`: lazily indexed through the chip
+      reader), and ``store_xarray_dask``: the dask-backed view (`open_store()`), whose per-chip task
+      overhead suits reductions over a whole store, not batch loading;
 
     and, one level up, the full datasets as a DataLoader collates them with torch's ``default_collate``
     (``*_dataset``: tensors as a training loop receives them). Paths are timed in blocks of a few
@@ -222,7 +224,8 @@ def bench_store_vs_hdf5(
     mask_files = [path.parent.parent / "mask" / path.name.replace("image_", "mask_") for path in image_files]
     hdf5 = Landslide4SenseH5(image_files, mask_files)
     dataset = ChipDataset(store, np.arange(len(catalog)))
-    lazy = open_store(store)
+    lazy = open_store(store, dask=False)
+    chunked = open_store(store)
     rng = np.random.default_rng(seed)
     size = min(batch_size, n_chips)
     batches = [np.sort(rng.choice(n_chips, size=size, replace=False)) for _ in range(n_batches)]
@@ -238,6 +241,10 @@ def bench_store_vs_hdf5(
 
     def read_xarray(batch: np.ndarray) -> tuple[np.ndarray, ...]:
         selected = lazy[["image", "label", "valid"]].isel(chip=batch)
+        return selected["image"].values, selected["label"].values, selected["valid"].values
+
+    def read_xarray_dask(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        selected = chunked[["image", "label", "valid"]].isel(chip=batch)
         return selected["image"].values, selected["label"].values, selected["valid"].values
 
     from torch.utils.data import default_collate
@@ -269,7 +276,8 @@ def bench_store_vs_hdf5(
         datasets = {"hdf5": hdf5_dataset, "store": store_dataset}
         warm |= _medians(interleaved_seconds(datasets, batches, block=BLOCK), "_dataset")
         if xarray:
-            warm |= _medians(interleaved_seconds({"store_xarray": read_xarray}, batches[: max(2, n_batches // 3)]))
+            views = {"store_xarray": read_xarray, "store_xarray_dask": read_xarray_dask}
+            warm |= _medians(interleaved_seconds(views, batches[: max(2, n_batches // 3)]))
         samples = [dataset.read_raw(int(index)) for index in batches[0]]
         stack_s = statistics.median(_timed(lambda: _stack(samples)) for _ in range(5))
         result: dict[str, Any] = {
@@ -289,6 +297,7 @@ def bench_store_vs_hdf5(
         }
         if xarray:
             result["ratio_xarray"] = warm["hdf5_s_per_batch"] / warm["store_xarray_s_per_batch"]
+            result["ratio_xarray_dask"] = warm["hdf5_s_per_batch"] / warm["store_xarray_dask_s_per_batch"]
         cold_ratio = None
         if cold and hasattr(os, "posix_fadvise"):
             os.sync()  # only clean pages can be dropped

@@ -89,7 +89,7 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
     else:
         train_positions = catalog.index[catalog["split"] == "train"].to_numpy()
         stats = compute_stats(
-            open_store(store, catalog=catalog),
+            open_store(store, catalog=catalog, dask=False),  # chip groups are read straight from the shards
             train_positions,
             bands=bands,
             method=cfg.normalize.method,

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
+from xarray.backends import BackendArray
+from xarray.core import indexing
 
 from workbench.io import atomic_directory, write_json_atomic
 
@@ -282,16 +284,21 @@ def band_specs(meta: dict[str, Any]) -> list[BandSpec]:
     return [BandSpec(**band) for band in meta["bands"]]
 
 
-def open_store(path: str | Path, catalog: pd.DataFrame | None = None) -> xr.Dataset:
+def open_store(path: str | Path, catalog: pd.DataFrame | None = None, dask: bool = True) -> xr.Dataset:
     """Open a chip store lazily as an xarray Dataset.
 
     `image(chip, band, y, x)`, `label(chip, y, x)`, `valid(chip, y, x)`; catalog columns become chip
-    coordinates. Arrays are dask-backed and chunked per chip, so selecting a batch reads only it.
-    Pass `catalog` to attach an updated catalog (for example with a new split column).
+    coordinates. Pass `catalog` to attach an updated catalog (for example with a new split column).
+    Either way selecting a batch reads only its chips. With `dask=True` the arrays are dask arrays
+    chunked per chip, so reductions over the whole store stream chip by chip. With `dask=False` they
+    are lazily indexed through `ChipReader` instead: selecting chips (`isel(chip=...)`) is many times
+    faster, but a reduction over everything loads everything.
     """
     path = Path(path)
     _require_store(path)
     ds = xr.open_zarr(path / "chips.zarr", consolidated=False)
+    if not dask:
+        ds = ds.assign({name: _chip_variable(path, str(name), ds[name]) for name in ds.data_vars})
     table = read_catalog(path) if catalog is None else catalog
     if len(table) != ds.sizes["chip"]:
         raise StoreError(f"{path}: catalog has {len(table)} rows but the arrays hold {ds.sizes['chip']} chips")
@@ -328,6 +335,31 @@ class _Shard:
 
     fd: int | None
     index: list[tuple[int, int]] | None
+
+
+class _ChipArray(BackendArray):
+    """An xarray backend array over one store array: indexing reads only the chips it selects."""
+
+    def __init__(self, reader: ChipReader) -> None:
+        self.reader = reader
+        self.shape = reader.shape
+        self.dtype = reader.dtype if reader.dtype.itemsize == 1 else reader.dtype.newbyteorder("=")
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._read)
+
+    def _read(self, key: tuple[Any, ...]) -> np.ndarray:
+        chips = np.arange(self.shape[0])[key[0]]
+        if np.ndim(chips) == 0:  # one chip: the chip dimension is dropped
+            return np.asarray(self.reader.read(int(chips))[key[1:]], dtype=self.dtype)
+        batch = self.reader.read_batch(chips)
+        return np.asarray(batch[(slice(None), *key[1:])], dtype=self.dtype)
+
+
+def _chip_variable(path: Path, name: str, template: xr.DataArray) -> xr.Variable:
+    """A lazily indexed variable reading `name` through ChipReader, with the template's dims and attributes."""
+    array = indexing.LazilyIndexedArray(_ChipArray(ChipReader(path, name)))
+    return xr.Variable(template.dims, array, attrs=template.attrs)
 
 
 class ChipReader:
