@@ -81,14 +81,12 @@ class ChipDataset(Dataset[Sample]):
             reader.close()
 
     def read_raw(self, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw image (selected bands), label and valid mask of the chip at dataset position `position`."""
-        chip = int(self.indices[position])
-        readers = self._readers()
-        image = readers["image"].read(chip)  # a fresh, writable array owned by the caller
-        if self.band_index != list(range(image.shape[0])):  # copy only when a band subset or order is asked for
-            image = image[self.band_index]
-        label, valid = readers["label"].read(chip), readers["valid"].read(chip)
-        return image.astype(np.float32, copy=False), label, valid.astype(bool, copy=False)
+        """Raw image (selected bands), label and valid mask of the chip at dataset position `position`.
+
+        Fresh, writable arrays owned by the caller (a batch of one, see `read_raw_batch`).
+        """
+        image, label, valid = self.read_raw_batch([position])
+        return image[0], label[0], valid[0]
 
     def read_raw_batch(self, positions: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw images (n, C, H, W), labels (n, H, W) and valid masks of several dataset positions.
@@ -99,7 +97,7 @@ class ChipDataset(Dataset[Sample]):
         chips = self.indices[np.asarray(positions, dtype=np.int64)]
         readers = self._readers()
         image = readers["image"].read_batch(chips)
-        if self.band_index != list(range(image.shape[1])):
+        if self.band_index != list(range(image.shape[1])):  # copy only when a band subset or order is asked for
             image = image[:, self.band_index]
         label, valid = readers["label"].read_batch(chips), readers["valid"].read_batch(chips)
         return image.astype(np.float32, copy=False), label, valid.astype(bool, copy=False)

@@ -444,8 +444,7 @@ class ChipReader:
 
     def read(self, chip: int, out: np.ndarray | None = None) -> np.ndarray:
         """The array of one chip (shape without the chip dimension), read into `out` when given."""
-        if not 0 <= chip < self.shape[0]:
-            raise IndexError(f"chip {chip} is outside {self.path} (0..{self.shape[0] - 1})")
+        self._check_position(chip)
         if out is not None and (out.shape != self.chip_shape or out.dtype != self.dtype or not out.flags.c_contiguous):
             raise ValueError(
                 f"out must be a C-contiguous {self.dtype} array of shape {self.chip_shape} for {self.path}, "
@@ -472,14 +471,17 @@ class ChipReader:
         if self.direct and self.sharded and out.flags.c_contiguous and out.dtype == self.dtype:
             rows = out.reshape(len(chips), -1).view(np.uint8)  # a view: each row is one chip's slot
             for slot, chip in enumerate(chips):  # the hot loop of batched loading: one copy per chip
-                if not 0 <= chip < self.shape[0]:
-                    raise IndexError(f"chip {chip} is outside {self.path} (0..{self.shape[0] - 1})")
+                self._check_position(chip)
                 if not self._copy_from_shard(chip, rows[slot]):
                     self._fill(out[slot])
             return out
         for slot, chip in enumerate(chips):
             self.read(chip, out[slot])
         return out
+
+    def _check_position(self, chip: int) -> None:
+        if not 0 <= chip < self.shape[0]:
+            raise IndexError(f"chip {chip} is outside {self.path} (0..{self.shape[0] - 1})")
 
     # layouts -----------------------------------------------------------------
     def _read_zarr(self, chip: int, out: np.ndarray | None) -> np.ndarray:
@@ -563,7 +565,7 @@ class ChipReader:
             written = index[:, 0] != _EMPTY_CHUNK
             if written.any() and int((index[written, 0] + index[written, 1]).max()) > size:
                 raise StoreError(f"{file}: its chunk index points past the end of the file; rewrite the store")
-            return _Shard(fd, [(int(offset), int(size)) for offset, size in index.tolist()])
+            return _Shard(fd, [(int(offset), int(length)) for offset, length in index.tolist()])
         except BaseException:
             os.close(fd)
             raise

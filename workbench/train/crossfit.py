@@ -66,7 +66,7 @@ def fold_params(params: Params) -> Params:
     return params.model_copy(update={"train": train})
 
 
-def fold_catalog(prepared: PreparedData, heldout: np.ndarray) -> PreparedData:
+def fold_data(prepared: PreparedData, heldout: np.ndarray) -> PreparedData:
     """The run's data with the held-out chips moved out of every split the trainer uses."""
     catalog = prepared.catalog.copy()
     split = catalog["split"].to_numpy(dtype=object).copy()
@@ -102,7 +102,7 @@ def out_of_fold_predictions(
         fold_dir = run_dir / FOLDS_DIR / f"fold-{fold}"
         saved = fold_dir / "predictions" / f"{HELDOUT}.zarr"
         if not saved.exists():
-            trained = fit(settings, fold_catalog(prepared, heldout), fold_dir)
+            trained = fit(settings, fold_data(prepared, heldout), fold_dir)
             dataset = ChipDataset(
                 prepared.store, heldout, bands=prepared.bands, normalizer=trained.datamodule.normalizer
             )
