@@ -13,6 +13,7 @@ import torch
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.audit import (
     ALL,
     CUSTOM,
@@ -38,7 +39,7 @@ from workbench.audit import (
     scan_store,
     split_map,
 )
-from workbench.data.store import IGNORE_INDEX, BandSpec, Chip, StoreWriter, read_catalog
+from workbench.data.store import BandSpec, Chip, StoreWriter, read_catalog
 from workbench.figures import INVALID_GREY, WATER_BLUE
 from workbench.params import ReviewParams
 from workbench.review import chip_agreement

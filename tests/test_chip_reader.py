@@ -18,15 +18,7 @@ from torch.utils.data import DataLoader, default_collate
 from workbench.data.augment import Augmenter
 from workbench.data.dataset import ChipDataset
 from workbench.data.normalize import NormalizationStats
-from workbench.data.store import (
-    BandSpec,
-    Chip,
-    ChipReader,
-    StoreError,
-    StoreWriter,
-    aligned_empty,
-    read_store_meta,
-)
+from workbench.data.store import BandSpec, Chip, ChipReader, StoreError, StoreWriter, aligned_empty, read_store_meta
 from workbench.params import AugmentConfig
 
 BANDS = [BandSpec("B02", "S2L2A", True), BandSpec("B03", "S2L2A", True), BandSpec("VV", "S1GRD", False)]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.prepare import prepare_data
-from workbench.data.store import IGNORE_INDEX, ChipReader
+from workbench.data.store import ChipReader
 from workbench.params import Params, load_params
 from workbench.train import fit
 from workbench.train.task import PixelCounts, SegmentationTask

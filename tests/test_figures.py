@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from workbench.data.store import IGNORE_INDEX
+from workbench.arrays import IGNORE_INDEX
 from workbench.figures import (
     INVALID_GREY,
     FigureInputError,

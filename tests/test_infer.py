@@ -17,6 +17,7 @@ from scipy.signal.windows import gaussian
 from shapely.geometry import shape
 from torch import nn
 
+from workbench.arrays import window_starts
 from workbench.data.normalize import NormalizationStats
 from workbench.infer import (
     RasterInputError,
@@ -26,7 +27,6 @@ from workbench.infer import (
     predict_array,
     predict_raster,
     sliding_window_logits,
-    window_starts,
 )
 from workbench.models.bundle import BandMismatchError, ModelBundle, load_bundle, save_bundle, write_calibration
 from workbench.params import ModelParams

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import jaccard_score
 
-from workbench.data.store import IGNORE_INDEX, BandSpec, Chip, StoreWriter, read_catalog
+from workbench.arrays import IGNORE_INDEX
+from workbench.data.store import BandSpec, Chip, StoreWriter, read_catalog
 from workbench.evaluate.predict import load_predictions, per_chip_table, save_predictions
 
 BANDS = [BandSpec("B03", "S2L2A", True), BandSpec("B11", "S2L2A", True)]

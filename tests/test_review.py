@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench.data.store import IGNORE_INDEX, BandSpec, Chip, StoreWriter, open_store
+from workbench.arrays import IGNORE_INDEX
+from workbench.data.store import BandSpec, Chip, StoreWriter, open_store
 from workbench.params import ReviewParams
 from workbench.review import (
     REASON_AGREES,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import load_fakes
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.ingest import FORMATS, UnknownFormatError, ingest, parse_option, parse_options, reader_options
 from workbench.data.sources import SourceError, chip_count, map_classes, tile_windows
 from workbench.data.sources.cloud38 import read_cloud38
@@ -19,7 +20,7 @@ from workbench.data.sources.npz import read_npz, read_ukis_csmask
 from workbench.data.sources.sen1floods11 import read_sen1floods11
 from workbench.data.sources.terramesh import read_terramesh
 from workbench.data.sources.vector import rasterize_polygons, read_polygons, read_vector
-from workbench.data.store import IGNORE_INDEX, open_store, read_catalog, read_store_meta
+from workbench.data.store import open_store, read_catalog, read_store_meta
 
 fakes = load_fakes()
 

@@ -29,8 +29,9 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.normalize import PercentileReservoir, Welford
-from workbench.data.store import IGNORE_INDEX, ChipReader
+from workbench.data.store import ChipReader
 from workbench.figures import INVALID_GREY, SPLIT_COLOURS, WATER_BLUE, FigureInputError, rgb_composite
 from workbench.params import ReviewParams
 

@@ -26,7 +26,8 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 
-from workbench.evaluate.metrics import IGNORE_INDEX, ThresholdHistogram, as_numpy
+from workbench.arrays import IGNORE_INDEX, sigmoid
+from workbench.evaluate.metrics import ThresholdHistogram, as_numpy
 from workbench.io import read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -89,12 +90,6 @@ def _check_prob(prob: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- temperature
-
-
-def sigmoid(x: ArrayLike) -> np.ndarray:
-    """Numerically stable logistic function."""
-    x_arr = np.asarray(x, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -x_arr))
 
 
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:

@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.figure import Figure
 
-from workbench.data.store import IGNORE_INDEX
+from workbench.arrays import IGNORE_INDEX
 from workbench.io import write_bytes_atomic
 
 DPI = 110

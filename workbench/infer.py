@@ -36,6 +36,7 @@ from affine import Affine
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.arrays import window_starts
 from workbench.evaluate.tta import predict_with_tta, tta_transforms
 from workbench.io import write_text_atomic
 from workbench.models.bundle import BuildModel, ModelBundle, check_bands, load_bundle
@@ -52,20 +53,6 @@ class RasterInputError(ValueError):
 
 
 # --------------------------------------------------------------------------- window geometry
-
-
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Window offsets covering [0, size), the last window flush with the end; [0] when size <= window."""
-    if size < 1 or window < 1 or stride < 1:
-        raise ValueError(f"size, window and stride must be positive, got {size}, {window}, {stride}")
-    if stride > window:
-        raise ValueError(f"stride {stride} exceeds window {window}: pixels between windows would get no prediction")
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window + 1, stride))
-    if starts[-1] + window < size:
-        starts.append(size - window)
-    return starts
 
 
 def gaussian_weight(window: int, sigma_factor: float = 0.25) -> np.ndarray:

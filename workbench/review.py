@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from workbench.data.store import IGNORE_INDEX
+from workbench.arrays import IGNORE_INDEX
 from workbench.params import ReviewParams
 
 DECISIONS = ("keep", "drop", "fix", "unsure")

@@ -28,8 +28,9 @@ import torch
 from rasterio.transform import from_origin
 from torch import nn
 
+from workbench.arrays import window_starts
 from workbench.data.normalize import NormalizationStats
-from workbench.infer import predict_raster, sliding_window_logits, window_starts
+from workbench.infer import predict_raster, sliding_window_logits
 from workbench.models.bundle import ModelBundle
 from workbench.params import ModelParams
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workbench.data.store import IGNORE_INDEX, BandSpec
+from workbench.arrays import IGNORE_INDEX
+from workbench.data.store import BandSpec
 from workbench.params import AugmentConfig
 
 Sample = dict[str, Any]

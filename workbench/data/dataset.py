@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from workbench.data.store import IGNORE_INDEX, ChipReader, read_store_meta
+from workbench.arrays import IGNORE_INDEX
+from workbench.data.store import ChipReader, read_store_meta
 
 Sample = dict[str, Any]
 

@@ -34,10 +34,10 @@ import xarray as xr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.io import atomic_directory, write_json_atomic
 
 STORE_VERSION = 2  # 1: one chunk file per chip; 2: per-chip chunks inside shards (both are read)
-IGNORE_INDEX = 255
 SHARD_TARGET_BYTES = 64 * 2**20  # image bytes per shard; bounds the writer's buffer too
 MAX_SHARD_CHIPS = 1024
 CATALOG_COLUMNS = ["chip_id", "lat", "lon", "region", "year", "split", "positive_fraction", "source"]

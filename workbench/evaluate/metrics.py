@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-IGNORE_INDEX = 255
+from workbench.arrays import IGNORE_INDEX
+
 METRICS = ("iou", "f1", "precision", "recall", "accuracy")
 Metric = Literal["iou", "f1", "precision", "recall", "accuracy"]
 Reduction = Literal["micro", "per_image"]

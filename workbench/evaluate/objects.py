@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from workbench.evaluate.metrics import IGNORE_INDEX, MetricInputError, as_batch, label_batch, valid_or_all
+from workbench.arrays import IGNORE_INDEX
+from workbench.evaluate.metrics import MetricInputError, as_batch, label_batch, valid_or_all
 
 DEFAULT_IOU_THRESHOLDS = (0.5, 0.3, 0.1)
 

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.data.dataset import ChipDataset
-from workbench.data.store import IGNORE_INDEX
 from workbench.io import atomic_directory
 
 PREDICTIONS_DIR = "predictions"
@@ -138,12 +138,6 @@ def chip_identity(catalog: pd.DataFrame, index: int) -> dict[str, Any]:
     return identity
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function in float32."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * x)), dtype=np.float32)
-
-
 def iter_split_chips(
     store: Path, predictions: xr.Dataset, bands: list[str] | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -175,7 +169,7 @@ def per_chip_table(
 
     rows = []
     for index, image, label, valid, logit in iter_split_chips(store, predictions, bands):
-        prob = sigmoid(logit / temperature)
+        prob = sigmoid(logit / temperature, np.float32)
         usable = valid & (label != IGNORE_INDEX)
         row = chip_identity(catalog, index)
         row.update(chip_counts(prob >= threshold, label > 0, usable))

@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.calibrate import Calibration, apply_temperature, brier, ece, fit_temperature, mce, reliability_table
 from workbench.evaluate.metrics import (
-    IGNORE_INDEX,
     MetricInputError,
     PrevalenceEvaluator,
     ThresholdHistogram,

@@ -29,9 +29,10 @@ def review_predictions(params: Params, run_dir: Path, split: str) -> str:
 
 def run_review(params: Params, run_dir: Path) -> StageResult:
     """Rank chips by label suspicion, score the ranking against injected noise, draw four-panel figures."""
+    from workbench.arrays import sigmoid
     from workbench.data.dataset import ChipDataset
     from workbench.data.prepare import load_prepared
-    from workbench.evaluate.predict import iter_split_chips, load_predictions, sigmoid
+    from workbench.evaluate.predict import iter_split_chips, load_predictions
     from workbench.figures import chip_title, four_panel, four_panel_filename
     from workbench.io import write_bytes_atomic
     from workbench.review import ReviewChip, prefilter_table, resolve_top_k, review_table, top_k_scores
@@ -58,7 +59,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
                     band_names=prepared.bands,
                     label=label,
                     valid=valid,
-                    prob=sigmoid(logit / temperature),
+                    prob=sigmoid(logit / temperature, np.float32),
                 )
 
     table = review_table(
@@ -81,7 +82,9 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
         index, split_predictions = int(row["store_index"]), predictions[str(row["split"])]
         position = int(np.flatnonzero(split_predictions["chip_index"].values == index)[0])
         image, label, valid = ChipDataset(prepared.store, [index], bands=prepared.bands).read_raw(0)
-        prob = sigmoid(np.asarray(split_predictions["logit"][position].values, dtype=np.float32) / temperature)
+        prob = sigmoid(
+            np.asarray(split_predictions["logit"][position].values, dtype=np.float32) / temperature, np.float32
+        )
         title = chip_title(row["chip_id"], row["region"], int(row["year"]), row["lat"], row["lon"], row["score"])
         fig = four_panel(
             image,

@@ -102,8 +102,9 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
 
 def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame, n: int = 6) -> Any:
     """RGB | label | probability for up to `n` validation chips (worst to best IoU, then false alarms)."""
+    from workbench.arrays import sigmoid
     from workbench.data.prepare import load_prepared
-    from workbench.evaluate.predict import iter_split_chips, load_predictions, sigmoid
+    from workbench.evaluate.predict import iter_split_chips, load_predictions
     from workbench.train.report import pick_gallery_chips, prediction_gallery
 
     chosen = pick_gallery_chips(per_chip_val, n)
@@ -125,7 +126,7 @@ def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame
             if np.isfinite(row["iou"])
             else f"{row['chip_id']} · nothing labelled or predicted"
         )
-        chips.append((title, image, label, valid, sigmoid(logit)))
+        chips.append((title, image, label, valid, sigmoid(logit, np.float32)))
     return prediction_gallery(chips, prepared.bands, rgb, threshold=params.evaluate.threshold)
 
 

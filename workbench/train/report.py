@@ -196,7 +196,7 @@ def prediction_gallery(
 
     Each chip is (title, raw image (C, H, W), label (H, W), valid (H, W), probability (H, W)).
     """
-    from workbench.data.store import IGNORE_INDEX
+    from workbench.arrays import IGNORE_INDEX
     from workbench.figures import FigureInputError, rgb_composite
 
     if not chips:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from workbench.data.store import IGNORE_INDEX, BandSpec, Chip
+from workbench.arrays import IGNORE_INDEX, window_starts
+from workbench.data.store import BandSpec, Chip
 
 S2_L1C_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
 S2_L2A_BANDS = [name for name in S2_L1C_BANDS if name != "B10"]
@@ -67,18 +68,6 @@ class Scene:
 
 
 # tiling -------------------------------------------------------------------------------------------
-def window_starts(extent: int, chip_size: int, stride: int) -> list[int]:
-    """Start offsets along one axis: every `stride` pixels, plus a last window flush with the edge."""
-    if chip_size < 1 or stride < 1:
-        raise ValueError(f"chip_size and stride must be positive, got {chip_size} and {stride}")
-    if extent < chip_size:
-        raise ValueError(f"a raster side of {extent} px is smaller than the chip size {chip_size}")
-    starts = list(range(0, extent - chip_size + 1, stride))
-    if starts[-1] + chip_size < extent:
-        starts.append(extent - chip_size)
-    return starts
-
-
 def tile_windows(height: int, width: int, chip_size: int, stride: int | None = None) -> list[tuple[int, int]]:
     """(row, col) offsets of square windows covering a height x width raster; the last row/column of
     windows is flush with the edge, so every pixel lies in at least one window.
@@ -87,11 +76,13 @@ def tile_windows(height: int, width: int, chip_size: int, stride: int | None = N
     [(0, 0), (112, 0), (224, 0), (276, 0)]
     """
     stride = chip_size if stride is None else stride
-    return [
-        (row, col)
-        for row in window_starts(height, chip_size, stride)
-        for col in window_starts(width, chip_size, stride)
-    ]
+    if chip_size < 1 or stride < 1:
+        raise ValueError(f"chip_size and stride must be positive, got {chip_size} and {stride}")
+    if min(height, width) < chip_size:
+        raise ValueError(f"a {height}x{width} raster is smaller than the chip size {chip_size}")
+    rows = window_starts(height, chip_size, stride, allow_gaps=True)
+    cols = window_starts(width, chip_size, stride, allow_gaps=True)
+    return [(row, col) for row in rows for col in cols]
 
 
 def resolve_tiling(height: int, width: int, chip_size: int | None, stride: int | None) -> list[tuple[int, int, int]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.sources import (
     Scene,
     Source,
@@ -34,7 +35,7 @@ from workbench.data.sources import (
     split_from_name,
 )
 from workbench.data.sources.geotiff import nodata_valid, read_raster
-from workbench.data.store import IGNORE_INDEX, BandSpec, Chip
+from workbench.data.store import BandSpec, Chip
 
 BAND_NAMES = ["red", "green", "blue", "nir"]
 BANDS = [BandSpec(name, "L8", optical=True) for name in BAND_NAMES]

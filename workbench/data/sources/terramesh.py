@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.nodata import clean_dem, clean_s1, clean_s2
 from workbench.data.sources import (
     S2_L1C_BANDS,
@@ -32,7 +33,7 @@ from workbench.data.sources import (
     scene_chips,
 )
 from workbench.data.sources.geotiff import Raster, read_raster
-from workbench.data.store import IGNORE_INDEX, BandSpec, Chip
+from workbench.data.store import BandSpec, Chip
 
 MODALITY_BANDS: dict[str, list[str]] = {
     "S2L1C": S2_L1C_BANDS,
