@@ -7,7 +7,8 @@ recipe's input shape under ``torch.autocast(bfloat16)``, runs the workbench's sl
 random raster, optionally repeats both in fp32, and writes the timings to ``reports/bench/gpu-<time>.json``.
 Timings start after warm-up steps and are fenced with ``torch.cuda.synchronize``; peak memory is
 ``torch.cuda.max_memory_allocated``. The reference point is the published ImpactMesh-Flood reproduction
-(seed 002): 4.69 training it/s and 7.30 tiled-inference it/s on one MI300X, batch 16, fp16-mixed.
+(huggingface.co/msradam/TerraMind-base-Flood-AMD-reproduction): 4.69 training it/s and 7.30 tiled-inference
+it/s on one MI300X, batch 16, fp16-mixed.
 
 On a machine without CUDA it prints why and exits with :data:`EXIT_NO_CUDA`. CI does not run it.
 """
@@ -33,7 +34,7 @@ from workbench.io import write_json_atomic
 EXIT_NO_CUDA = 2
 RECIPE = Path(__file__).resolve().parents[2] / "params" / "impactmesh_flood.yaml"
 REFERENCE = {
-    "source": "TerraMind-base-Flood reproduction on ImpactMesh-Flood (seed 002)",
+    "source": "huggingface.co/msradam/TerraMind-base-Flood-AMD-reproduction (model card)",
     "hardware": "1x AMD Instinct MI300X",
     "precision": "fp16-mixed",
     "batch_size": 16,
