@@ -1,4 +1,4 @@
-"""Command line: `workbench run | ingest | predict | bench | params`."""
+"""Command line: `workbench run | ingest | download | predict | bench | params`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,33 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"  skipped {path}: {reason}")
     for path in report.unpaired:
         print(f"  unpaired {path}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from workbench.data.download import DownloadError, describe_datasets, download
+
+    if args.list:
+        print(describe_datasets())
+        return 0
+    if not args.name or not args.dest:
+        print("error: give NAME and DEST (or --list to see the data sets)", file=sys.stderr)
+        return 2
+    try:
+        result = download(
+            args.name,
+            Path(args.dest),
+            url_base=args.url_base,
+            retries=args.retries,
+            timeout=args.timeout,
+            extract=not args.no_extract,
+            progress=not args.quiet,
+        )
+    except DownloadError as exc:
+        print(f"download failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(result.files)} file(s) in {result.dest}; manifest {result.manifest}")
+    print(f"next: {result.next_command}")
     return 0
 
 
@@ -110,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--option", action="append", metavar="KEY=VALUE", help="reader option (YAML value)")
     ingest.add_argument("--overwrite", action="store_true")
     ingest.set_defaults(func=cmd_ingest)
+
+    fetch = sub.add_parser("download", help="fetch a public data set (resumable, checksummed) for `ingest`")
+    fetch.add_argument("name", nargs="?", help="data set name; --list shows them")
+    fetch.add_argument("dest", nargs="?", help="destination folder")
+    fetch.add_argument("--list", action="store_true", help="print the data sets, their sources and licences")
+    fetch.add_argument("--url-base", help="mirror address replacing the source's (Hub endpoint for Hub data sets)")
+    fetch.add_argument("--retries", type=int, default=5, help="retries per file after a cut connection")
+    fetch.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a retry")
+    fetch.add_argument("--no-extract", action="store_true", help="keep archives packed")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bars")
+    fetch.set_defaults(func=cmd_download)
 
     predict = sub.add_parser("predict", help="sliding-window inference over a GeoTIFF")
     predict.add_argument("model_dir")
