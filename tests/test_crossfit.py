@@ -15,7 +15,7 @@ from torch import nn
 
 from workbench.data.prepare import PreparedData, prepare_data
 from workbench.data.split import block_indices
-from workbench.evaluate.predict import load_predictions
+from workbench.infer.chips import load_predictions
 from workbench.params import Params
 from workbench.train.crossfit import FOLDS_DIR, HELDOUT, assign_folds, fold_params, out_of_fold_predictions
 

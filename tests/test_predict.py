@@ -10,7 +10,8 @@ from sklearn.metrics import jaccard_score
 
 from workbench.arrays import IGNORE_INDEX
 from workbench.data.store import BandSpec, Chip, StoreWriter, read_catalog
-from workbench.evaluate.predict import load_predictions, per_chip_table, save_predictions
+from workbench.evaluate.chips import per_chip_table
+from workbench.infer.chips import load_predictions, save_predictions
 
 BANDS = [BandSpec("B03", "S2L2A", True), BandSpec("B11", "S2L2A", True)]
 SIZE = 8

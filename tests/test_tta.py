@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.evaluate.tta import TRANSFORMS, TTA_MODES, predict_with_tta
+from workbench.infer.tta import TRANSFORMS, TTA_MODES, predict_with_tta
 
 
 class FirstChannel(nn.Module):

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from workbench.arrays import IGNORE_INDEX
 from workbench.calibrate import Calibration, apply_temperature, brier, ece, fit_temperature, mce, reliability_table
+from workbench.evaluate.chips import chip_counts, chip_identity
 from workbench.evaluate.metrics import (
     MetricInputError,
     PrevalenceEvaluator,
@@ -44,7 +45,6 @@ from workbench.evaluate.metrics import (
     segmentation_summary,
 )
 from workbench.evaluate.objects import DEFAULT_IOU_THRESHOLDS, ObjectMatcher
-from workbench.evaluate.predict import chip_counts, chip_identity
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -417,7 +417,7 @@ def tta_comparison(
     with the bundle's normalisation. Logits are averaged over the mode's transforms, divided by
     `temperature` and thresholded (``>=``). ``seconds_per_chip`` includes data loading.
     """
-    from workbench.evaluate.tta import TTA_MODES, predict_with_tta
+    from workbench.infer.tta import TTA_MODES, predict_with_tta
 
     unknown = [mode for mode in modes if mode not in TTA_MODES]
     if unknown:

@@ -31,8 +31,8 @@ def _scan_split(
     params: Params, run_dir: Path, prepared: Any, split: str, calibration: Any = None, max_sample: int = 1_000_000
 ) -> Any:
     """One pass over a split's stored logits (see `workbench.evaluate.report.evaluate_predictions`)."""
-    from workbench.evaluate.predict import load_predictions
     from workbench.evaluate.report import evaluate_predictions, iter_label_logits
+    from workbench.infer.chips import load_predictions
 
     predictions = load_predictions(run_dir, split)
     return evaluate_predictions(

@@ -14,7 +14,7 @@ from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, w
 
 def review_predictions(params: Params, run_dir: Path, split: str) -> str:
     """Name of the predictions that score `split`: out-of-fold ones for train when `review.out_of_fold` is on."""
-    from workbench.evaluate.predict import PREDICTIONS_DIR
+    from workbench.infer.chips import PREDICTIONS_DIR
     from workbench.train.crossfit import oof_name
 
     if not (params.review.out_of_fold and split == "train"):
@@ -32,8 +32,9 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     from workbench.arrays import sigmoid
     from workbench.data.dataset import ChipDataset
     from workbench.data.prepare import load_prepared
-    from workbench.evaluate.predict import iter_split_chips, load_predictions
+    from workbench.evaluate.chips import iter_split_chips
     from workbench.figures import chip_title, four_panel, four_panel_filename
+    from workbench.infer.chips import load_predictions
     from workbench.io import write_bytes_atomic
     from workbench.review import ReviewChip, prefilter_table, resolve_top_k, review_table, top_k_scores
 

@@ -15,7 +15,8 @@ from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, w
 def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, temperature: float = 1.0) -> Any:
     """Per-chip table and pooled metrics of one predicted split (written to diagnostics/)."""
     from workbench.data.prepare import load_prepared
-    from workbench.evaluate.predict import load_predictions, per_chip_table, pooled_metrics
+    from workbench.evaluate.chips import per_chip_table, pooled_metrics
+    from workbench.infer.chips import load_predictions
     from workbench.io import write_bytes_atomic
 
     prepared = load_prepared(run_dir, params.data)
@@ -53,8 +54,8 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     """
     from workbench.data.dataset import ChipDataset
     from workbench.data.prepare import load_prepared
-    from workbench.evaluate.predict import write_predictions
     from workbench.figures import training_curves
+    from workbench.infer.chips import write_predictions
     from workbench.train.fit import train_model
     from workbench.train.report import divergence_warnings, model_card, sampler_composition, split_summary
 
@@ -104,7 +105,8 @@ def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame
     """RGB | label | probability for up to `n` validation chips (worst to best IoU, then false alarms)."""
     from workbench.arrays import sigmoid
     from workbench.data.prepare import load_prepared
-    from workbench.evaluate.predict import iter_split_chips, load_predictions
+    from workbench.evaluate.chips import iter_split_chips
+    from workbench.infer.chips import load_predictions
     from workbench.train.report import pick_gallery_chips, prediction_gallery
 
     chosen = pick_gallery_chips(per_chip_val, n)

@@ -88,7 +88,7 @@ def out_of_fold_predictions(
     the number of folds, the fewest and most chips in a fold, and seconds.
     """
     from workbench.data.dataset import ChipDataset
-    from workbench.evaluate.predict import collect_logits, load_predictions, save_predictions
+    from workbench.infer.chips import collect_logits, load_predictions, save_predictions
     from workbench.train.fit import train_model
 
     fit = train if train is not None else train_model

@@ -1,8 +1,8 @@
-"""Chip-level inference and the per-chip diagnostics table.
+"""Per-chip scoring: one row of confusion counts, IoU and flags per chip, and metrics pooled from them.
 
-Logits of every chip of a split are written once to `<run_dir>/predictions/<split>.zarr`
-(float16, chunked per chip); calibration, evaluation and review read them from there, so a
-model runs over the data a single time per run.
+Reads the chip logits stored by `workbench.infer.chips` together with each chip's label and
+valid mask, so the per-chip table, the pooled split metrics and the metrics per region or year
+all count the same pixels.
 """
 
 from __future__ import annotations
@@ -13,91 +13,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.data.dataset import ChipDataset
-from workbench.io import atomic_directory
-
-PREDICTIONS_DIR = "predictions"
-
-
-@torch.no_grad()
-def iter_chip_logits(
-    model: nn.Module,
-    dataset: ChipDataset,
-    batch_size: int = 16,
-    tta: str = "none",
-    device: str = "cpu",
-    progress: bool = True,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (store indices, logits (B, H, W)) batch by batch, with test-time augmentation."""
-    from workbench.evaluate.tta import predict_with_tta
-
-    model = model.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
-        logits = predict_with_tta(model, batch["image"].to(device), tta)
-        yield batch["index"].numpy(), logits[:, 0].float().cpu().numpy()
-
-
-def collect_logits(
-    model: nn.Module,
-    dataset: ChipDataset,
-    batch_size: int = 16,
-    tta: str = "none",
-    device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Store indices (n,) and float16 logits (n, H, W) of every chip of `dataset`."""
-    indices: list[np.ndarray] = []
-    logits: list[np.ndarray] = []
-    for batch_indices, batch_logits in iter_chip_logits(model, dataset, batch_size, tta, device):
-        indices.append(batch_indices)
-        logits.append(batch_logits.astype(np.float16))
-    return np.concatenate(indices), np.concatenate(logits)
-
-
-def save_predictions(
-    run_dir: Path, name: str, indices: np.ndarray, logits: np.ndarray, attrs: dict[str, Any] | None = None
-) -> Path:
-    """Write logits (chunked per chip) to `<run_dir>/predictions/<name>.zarr` atomically."""
-    ds = xr.Dataset(
-        {"logit": (("chip", "y", "x"), np.asarray(logits, dtype=np.float16))},
-        coords={"chip_index": ("chip", np.asarray(indices))},
-        attrs=dict(attrs or {}),
-    )
-    dest = Path(run_dir) / PREDICTIONS_DIR / f"{name}.zarr"
-    with atomic_directory(dest, overwrite=True) as tmp:
-        encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}
-        ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
-    return dest
-
-
-def write_predictions(
-    run_dir: Path,
-    split: str,
-    model: nn.Module,
-    dataset: ChipDataset,
-    batch_size: int = 16,
-    tta: str = "none",
-    device: str = "cpu",
-) -> Path:
-    """Run the model over a split and store its logits atomically."""
-    indices, logits = collect_logits(model, dataset, batch_size, tta, device)
-    return save_predictions(run_dir, split, indices, logits, {"split": split, "tta": tta})
-
-
-def load_predictions(run_dir: Path, split: str) -> xr.Dataset:
-    """Logits of one split written by `write_predictions`."""
-    path = Path(run_dir) / PREDICTIONS_DIR / f"{split}.zarr"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run the training stage (02_train) first")
-    return xr.open_zarr(path, consolidated=False)
-
 
 IDENTITY_COLUMNS = ("chip_id", "region", "year", "lat", "lon", "split")
 
