@@ -146,7 +146,7 @@ if "iou_label_water" in chips:
 
 # %%
 try:
-    from workbench.audit import chip_explorer
+    from workbench.audit.explorer import chip_explorer
 
     display(chip_explorer(prepared.store, prepared.catalog, store_bands))
 except (ImportError, RuntimeError) as exc:

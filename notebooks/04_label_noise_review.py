@@ -22,7 +22,7 @@
 # A model partly memorises the labels it trained on, corrupted ones included, so it scores its own
 # training chips too kindly. With `review.out_of_fold: true` the training stage also trains one model
 # per spatial fold of the train split (`data.split.n_folds`) and each train chip is scored by the
-# model that never saw it; the metric `audit.out_of_fold` says which predictions were used.
+# model that never saw it; the metric `review.out_of_fold` says which predictions were used.
 
 # %% tags=["parameters"]
 params_file = "../params/demo.yaml"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +19,14 @@ from matplotlib.image import imread
 from workbench.arrays import IGNORE_INDEX
 from workbench.audit import (
     ALL,
-    CUSTOM,
     AuditInputError,
     BandStatistics,
-    CompositeError,
     agreement_scatter,
     allowed_label_values,
-    available_composites,
     band_histogram_figure,
     band_warnings,
     check_batches,
-    chip_explorer,
     chip_summary,
-    composite,
-    composite_channel,
-    hillshade,
-    label_rgb,
     nodata_by_group,
     positive_by_group,
     prefilter_dropped_fraction,
@@ -39,10 +34,20 @@ from workbench.audit import (
     scan_store,
     split_map,
 )
+from workbench.audit.explorer import (
+    CUSTOM,
+    CompositeError,
+    available_composites,
+    chip_explorer,
+    composite,
+    composite_channel,
+    hillshade,
+    label_rgb,
+)
+from workbench.data.agreement import chip_agreement
 from workbench.data.store import BandSpec, Chip, StoreWriter, read_catalog
 from workbench.figures import INVALID_GREY, WATER_BLUE
 from workbench.params import ReviewParams
-from workbench.review import chip_agreement
 
 BANDS = ["B02", "B03", "B04", "B08", "B8A", "B11", "B12", "VV", "VH", "DEM"]
 LAND = np.array([700, 900, 1000, 2500, 2400, 2200, 1800, -8, -15, 3600], dtype=np.float32)  # MNDWI < 0
@@ -495,6 +500,23 @@ def test_band_warnings_only_for_zscore() -> None:
 
 
 # --------------------------------------------------------------------------- real loader and stage
+
+
+def test_headless_modules_import_no_widget_or_map_library() -> None:
+    """Only workbench.audit.explorer imports ipywidgets; maps import folium/leafmap when they build one."""
+    code = (
+        "import sys\n"
+        "import workbench.audit, workbench.audit.check, workbench.audit.figures, workbench.audit.maps\n"
+        "import workbench.audit.stats, workbench.data.agreement, workbench.review, workbench.stages\n"
+        "loaded = [name for name in ('ipywidgets', 'ipyleaflet', 'leafmap', 'folium') if name in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "import workbench.audit.explorer\n"
+        "assert 'ipywidgets' in sys.modules\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def store_params(store: Path) -> Any:

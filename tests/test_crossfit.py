@@ -134,9 +134,9 @@ def test_training_and_review_stages_use_out_of_fold_predictions(store: Path, tmp
     assert list(in_sample["chip_index"].values) == list(out_of_fold["chip_index"].values)
     assert not np.array_equal(in_sample["logit"].values, out_of_fold["logit"].values)
     review = run_review(params, tmp_path)
-    assert review.metrics["audit.out_of_fold"] is True
+    assert review.metrics["review.out_of_fold"] is True
     metrics = json.loads((tmp_path / "metrics" / "review.json").read_text())
-    assert metrics["audit.out_of_fold"] is True
+    assert metrics["review.out_of_fold"] is True
 
 
 def test_review_without_out_of_fold_predictions_says_what_to_run(store: Path, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def test_demo_pipeline_writes_complete_report(tmp_path: Path, monkeypatch: pytes
         assert injected and str(run_dir) in injected[0].source
         assert (run_dir / f"{name}.html").stat().st_size > 10_000
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("test.iou", "val.iou", "calibration.temperature", "audit.top_k_precision", "audit.top_k_recall"):
+    for key in ("test.iou", "val.iou", "calibration.temperature", "review.top_k_precision", "review.top_k_recall"):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert 0.0 <= metrics["test.iou"] <= 1.0
     assert metrics["calibration.temperature"] > 0

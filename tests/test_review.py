@@ -11,26 +11,28 @@ import pandas as pd
 import pytest
 
 from workbench.arrays import IGNORE_INDEX
-from workbench.data.store import BandSpec, Chip, StoreWriter, open_store
-from workbench.params import ReviewParams
-from workbench.review import (
+from workbench.data.agreement import (
     REASON_AGREES,
     REASON_EMPTY_DRY,
     REASON_EMPTY_WET,
     REASON_LOW_IOU,
     REASON_LOW_IOU_AND_EXCESS,
     REASON_WATER_EXCESS,
-    ReviewChip,
     ReviewInputError,
+    chip_agreement,
+    prefilter_decision,
+    prefilter_table,
+)
+from workbench.data.store import BandSpec, Chip, StoreWriter, open_store
+from workbench.params import ReviewParams
+from workbench.review import (
+    ReviewChip,
     ReviewLog,
     ReviewLogWarning,
-    chip_agreement,
     corrected_metrics,
     iter_store_chips,
     noise_score,
     noise_terms,
-    prefilter_decision,
-    prefilter_table,
     review_decisions,
     review_table,
     top_k_scores,

@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run failed: {exc}", file=sys.stderr)
         return 1
     print(f"run complete: {result.run_dir}")
-    for key in ("test.iou", "val.iou", "calibration.temperature", "audit.top_k_recall", "wall_seconds"):
+    for key in ("test.iou", "val.iou", "calibration.temperature", "review.top_k_recall", "wall_seconds"):
         if key in result.metrics:
             print(f"  {key} = {result.metrics[key]}")
     return 0

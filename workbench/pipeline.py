@@ -29,8 +29,8 @@ KEY_METRICS = [
     "val.iou",
     "calibration.temperature",
     "calibration.threshold",
-    "audit.top_k_precision",
-    "audit.top_k_recall",
+    "review.top_k_precision",
+    "review.top_k_recall",
     "wall_seconds",
 ]
 PACKAGES = ["torch", "lightning", "segmentation-models-pytorch", "terratorch", "xarray", "zarr", "papermill"]
@@ -273,7 +273,7 @@ td, th {{ border: 1px solid #ccc; padding: 4px 8px; font-size: 13px; }} th {{ ba
 </style></head><body>
 <h1>Workbench runs</h1>
 <p>{len(rows)} run(s). Metrics: test/val IoU at the default threshold, temperature and threshold from
-calibration, top-k precision/recall of the label-noise audit, wall time in seconds.</p>
+calibration, top-k precision/recall of the label-noise review, wall time in seconds.</p>
 <table><tr>{head}</tr>
 {"".join(body)}
 </table></body></html>

@@ -87,9 +87,9 @@ def audit_store(
         scan_store,
         split_map,
     )
+    from workbench.data.agreement import prefilter_table
     from workbench.data.store import read_store_meta
     from workbench.io import write_bytes_atomic
-    from workbench.review import prefilter_table
 
     cfg = params.data
     store_bands = [band["name"] for band in read_store_meta(prepared.store)["bands"]]

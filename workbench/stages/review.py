@@ -30,13 +30,14 @@ def review_predictions(params: Params, run_dir: Path, split: str) -> str:
 def run_review(params: Params, run_dir: Path) -> StageResult:
     """Rank chips by label suspicion, score the ranking against injected noise, draw four-panel figures."""
     from workbench.arrays import sigmoid
+    from workbench.data.agreement import prefilter_table
     from workbench.data.dataset import ChipDataset
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.chips import iter_split_chips
     from workbench.figures import chip_title, four_panel, four_panel_filename
     from workbench.infer.chips import load_predictions
     from workbench.io import write_bytes_atomic
-    from workbench.review import ReviewChip, prefilter_table, resolve_top_k, review_table, top_k_scores
+    from workbench.review import ReviewChip, resolve_top_k, review_table, top_k_scores
 
     run_dir = Path(run_dir)
     cfg = params.review
@@ -70,12 +71,12 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     assert buffer is not None
     write_bytes_atomic(run_dir / DIAGNOSTICS / "review.parquet", buffer)
     result = StageResult(tables={"ranking": table.head(25), "prefilter": prefilter_table(table)})
-    metrics: dict[str, Any] = {"audit.n_chips": len(table), "audit.out_of_fold": "train_oof" in sources.values()}
+    metrics: dict[str, Any] = {"review.n_chips": len(table), "review.out_of_fold": "train_oof" in sources.values()}
     if "noisy" in table:
         k = resolve_top_k(table, cfg)
         scores = top_k_scores(table, k)
         metrics.update(
-            {"audit.k": k, "audit.top_k_precision": scores["precision"], "audit.top_k_recall": scores["recall"]}
+            {"review.k": k, "review.top_k_precision": scores["precision"], "review.top_k_recall": scores["recall"]}
         )
     # only the top-ranked chips are read again, for their figures
     predictions = {split: load_predictions(run_dir, sources[split]) for split in splits}

@@ -1,0 +1,124 @@
+"""Interactive maps of chip centres by split, for the data audit.
+
+`split_map` builds the map with folium (static HTML, no kernel needed; `save_map_html` writes it) or
+leafmap (an ipyleaflet widget for JupyterLab). folium, leafmap and ipyleaflet are imported only inside the
+functions that build a map, so importing this module needs none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workbench.audit.figures import split_colour
+from workbench.audit.stats import AuditInputError
+from workbench.figures import SPLIT_COLOURS
+
+
+def _map_points(catalog: pd.DataFrame) -> pd.DataFrame:
+    missing = [column for column in ("lat", "lon", "split") if column not in catalog.columns]
+    if missing:
+        raise AuditInputError(f"catalog has no column(s) {missing}; a map needs lat, lon and split")
+    points = catalog[np.isfinite(catalog["lat"].astype(float)) & np.isfinite(catalog["lon"].astype(float))]
+    if not len(points):
+        raise AuditInputError("no chip has finite lat/lon; cannot draw a map")
+    return points
+
+
+def _tooltip(row: Mapping[Any, Any]) -> str:
+    parts = [str(row.get("chip_id", "")), str(row.get("split", ""))]
+    if "region" in row:
+        parts.append(f"{row['region']} {row.get('year', '')}".strip())
+    if "positive_fraction" in row:
+        parts.append(f"positive {float(row['positive_fraction']):.2%}")
+    return " · ".join(part for part in parts if part)
+
+
+def split_map(catalog: pd.DataFrame, backend: str = "folium", basemap: bool = True) -> Any:
+    """Interactive map of chip centres coloured by split, one toggleable layer per split.
+
+    backend "folium" returns a `folium.Map` (static HTML, no kernel needed: `save_map_html`);
+    "leafmap" returns a `leafmap.Map` (ipyleaflet widget for JupyterLab). With `basemap` an
+    OpenStreetMap layer is added; it only loads with internet access, the points show either way.
+    """
+    points = _map_points(catalog)
+    centre = (float(points["lat"].mean()), float(points["lon"].mean()))
+    bounds = [
+        [float(points["lat"].min()), float(points["lon"].min())],
+        [float(points["lat"].max()), float(points["lon"].max())],
+    ]
+    splits = [name for name in SPLIT_COLOURS if name in set(points["split"])] + sorted(
+        set(points["split"].astype(str)) - set(SPLIT_COLOURS)
+    )
+    colours = {name: split_colour(name, position) for position, name in enumerate(splits)}
+    if backend == "folium":
+        return _folium_map(points, centre, bounds, colours, basemap)
+    if backend == "leafmap":
+        return _leafmap_map(points, centre, bounds, colours, basemap)
+    raise ValueError(f"map backend must be 'folium' or 'leafmap', got {backend!r}")
+
+
+def _folium_map(
+    points: pd.DataFrame, centre: tuple[float, float], bounds: list[list[float]], colours: dict[str, str], basemap: bool
+) -> Any:
+    import folium
+
+    fmap = folium.Map(location=centre, zoom_start=8, tiles="OpenStreetMap" if basemap else None)
+    for name, colour in colours.items():
+        layer = folium.FeatureGroup(name=f"{name} ({int((points['split'] == name).sum())})")
+        for row in points[points["split"] == name].to_dict(orient="records"):
+            folium.CircleMarker(
+                location=(float(row["lat"]), float(row["lon"])),
+                radius=4,
+                color=colour,
+                fill=True,
+                fill_opacity=0.8,
+                weight=1,
+                tooltip=_tooltip(row),
+            ).add_to(layer)
+        layer.add_to(fmap)
+    folium.LayerControl(collapsed=False).add_to(fmap)
+    fmap.fit_bounds(bounds)
+    return fmap
+
+
+def _leafmap_map(
+    points: pd.DataFrame, centre: tuple[float, float], bounds: list[list[float]], colours: dict[str, str], basemap: bool
+) -> Any:
+    import ipyleaflet
+    import leafmap
+
+    lmap = leafmap.Map(center=centre, zoom=8)
+    if not basemap:
+        lmap.clear_layers()
+    for name, colour in colours.items():
+        markers = [
+            ipyleaflet.CircleMarker(
+                location=(float(row["lat"]), float(row["lon"])),
+                radius=4,
+                color=colour,
+                fill_color=colour,
+                fill_opacity=0.8,
+                weight=1,
+                title=_tooltip(row),
+            )
+            for row in points[points["split"] == name].to_dict(orient="records")
+        ]
+        lmap.add_layer(ipyleaflet.LayerGroup(layers=markers, name=f"{name} ({len(markers)})"))
+    lmap.add_legend(title="split", legend_dict=colours)
+    lmap.fit_bounds(bounds)
+    return lmap
+
+
+def save_map_html(fmap: Any, path: str | Path) -> Path:
+    """Write a folium map as a standalone HTML file, atomically."""
+    from workbench.io import write_text_atomic
+
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        raise ValueError(f"{path}: maps are written as HTML; use a .html file name")
+    return write_text_atomic(path, fmap.get_root().render())

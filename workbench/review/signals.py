@@ -1,0 +1,126 @@
+"""Per-chip signals of the label-noise review: the suspicion that a chip's label is wrong.
+
+Three independent views of each chip are compared: the label (the supervision under review), the MNDWI
+water index of the raw Sentinel-2 reflectance (physics, no learning, see `workbench.data.agreement`) and
+the model's (preferably out-of-sample) water probability. `ReviewChip` holds one chip as the review reads
+it; `noise_terms` gives the disagreement terms and `noise_score` the one suspicion score built from them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workbench.data.agreement import ChipMasks, mask_iou, prepare_masks
+from workbench.params import ReviewParams
+
+SCORE_COLUMNS = ["model_disagreement", "index_disagreement", "confident_error", "score"]
+
+
+@dataclass
+class ReviewChip:
+    """One chip as the review reads it: raw image, band names, label, valid mask, model probability, catalog row."""
+
+    image: np.ndarray  # (C, H, W) raw reflectance, not normalised
+    band_names: Sequence[str]
+    label: np.ndarray  # (H, W) class ids, IGNORE_INDEX = not labelled
+    valid: np.ndarray  # (H, W) bool, False = nodata
+    prob: np.ndarray | None = None  # (H, W) model water probability, out-of-sample where possible
+    row: Mapping[str, Any] = field(default_factory=dict)  # chip_id, region, year, lat, lon, split, [noisy]
+
+    @property
+    def chip_id(self) -> str:
+        return str(self.row.get("chip_id", ""))
+
+
+def noise_terms_from_masks(
+    masks: ChipMasks, cfg: ReviewParams, confident_weight: float, confidence: float, smooth_pixels: float
+) -> dict[str, float]:
+    """The `noise_terms` of one chip from its prepared masks."""
+    if masks.pred is None or masks.prob is None:
+        index_disagreement = 1.0 - mask_iou(masks.label, masks.water, smooth_pixels)
+        return {
+            "model_disagreement": math.nan,
+            "index_disagreement": index_disagreement,
+            "confident_error": math.nan,
+            "score": cfg.index_weight * index_disagreement,
+        }
+    model_disagreement = 1.0 - mask_iou(masks.label, masks.pred, smooth_pixels)
+    agree = masks.scored & (masks.pred == masks.water)
+    index_disagreement = 1.0 - mask_iou(masks.label & agree, masks.water & agree, smooth_pixels)
+    confident = masks.scored & ((masks.prob > confidence) | (masks.prob < 1.0 - confidence))
+    errors = np.abs(masks.prob[confident] - masks.label[confident])
+    confident_error = float(errors.mean()) if errors.size else 0.0
+    score = (
+        cfg.model_weight * model_disagreement
+        + cfg.index_weight * index_disagreement
+        + confident_weight * confident_error
+    )
+    return {
+        "model_disagreement": model_disagreement,
+        "index_disagreement": index_disagreement,
+        "confident_error": confident_error,
+        "score": score,
+    }
+
+
+def noise_terms(
+    image: np.ndarray,
+    band_names: Sequence[str],
+    label: np.ndarray,
+    valid: np.ndarray,
+    prob: np.ndarray | None,
+    cfg: ReviewParams | None = None,
+    threshold: float = 0.5,
+    confident_weight: float = 1.0,
+    confidence: float = 0.9,
+    smooth_pixels: float = 8.0,
+    green: str = "B03",
+    swir: str = "B11",
+) -> dict[str, float]:
+    """The parts of the suspicion score of one chip and the score itself; see `noise_score` for the formula."""
+    cfg = cfg or ReviewParams()
+    masks = prepare_masks(image, band_names, label, valid, prob, cfg.water_index_threshold, threshold, green, swir)
+    return noise_terms_from_masks(masks, cfg, confident_weight, confidence, smooth_pixels)
+
+
+def noise_score(
+    image: np.ndarray,
+    band_names: Sequence[str],
+    label: np.ndarray,
+    valid: np.ndarray,
+    prob: np.ndarray | None,
+    cfg: ReviewParams | None = None,
+    threshold: float = 0.5,
+    confident_weight: float = 1.0,
+    confidence: float = 0.9,
+    smooth_pixels: float = 8.0,
+    green: str = "B03",
+    swir: str = "B11",
+) -> float:
+    """Suspicion that a chip's label is wrong; higher = review first.
+
+    On scored pixels (valid and labelled), with L the label mask, P = prob >= threshold the prediction,
+    W = MNDWI > cfg.water_index_threshold the water mask and A = {P == W} the pixels where model and index agree::
+
+        IoU_s(X, Y)  = (|X & Y| + s) / (|X | Y| + s)            s = smooth_pixels; two empty masks give 1
+        model_dis    = 1 - IoU_s(L, P)
+        index_dis    = 1 - IoU_s(L & A, W & A)
+        confident    = mean |prob - L| over pixels with prob > confidence or prob < 1 - confidence (0 if none)
+        score        = cfg.model_weight * model_dis + cfg.index_weight * index_dis + confident_weight * confident
+
+    Why: the model term catches omitted, undersized and shifted outlines; the index term only counts where
+    the independent physics and the model agree, so snow, ice and cloud shadows (where MNDWI is wrong and
+    the model is right) add nothing; the confident term is the confident-learning signal (Northcutt et al.
+    2021) of pixels the model is sure about but the label contradicts. The pseudo-count `s` is the small-
+    object guard: a few stray pixels on an empty chip do not look like a missing lake.
+    Without `prob` the score is cfg.index_weight * (1 - IoU_s(L, W)).
+    """
+    terms = noise_terms(
+        image, band_names, label, valid, prob, cfg, threshold, confident_weight, confidence, smooth_pixels, green, swir
+    )
+    return terms["score"]
