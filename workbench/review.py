@@ -29,6 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from workbench.arrays import IGNORE_INDEX
+from workbench.functional import confusion_counts, iou_score, precision, recall
 from workbench.params import ReviewParams
 
 DECISIONS = ("keep", "drop", "fix", "unsure")
@@ -144,11 +145,8 @@ def _prepare(
 
 def mask_iou(a: np.ndarray, b: np.ndarray, smooth: float = 0.0) -> float:
     """IoU of two boolean masks, (|a & b| + smooth) / (|a | b| + smooth); 1.0 when both are empty."""
-    intersection = float(np.count_nonzero(a & b))
-    union = float(np.count_nonzero(a | b))
-    if union + smooth <= 0:
-        return 1.0
-    return (intersection + smooth) / (union + smooth)
+    counts = confusion_counts(a, b, per_image=False)
+    return float(iou_score(*counts, zero_division=1.0, smooth=smooth)[0])
 
 
 # --------------------------------------------------------------------------- agreement and pre-filter
@@ -483,8 +481,8 @@ def top_k_scores(table: pd.DataFrame, k: int, truth_column: str = "noisy") -> di
     taken = len(top)
     return {
         "k": taken,
-        "precision": hits / taken if taken else math.nan,
-        "recall": hits / n_true if n_true else math.nan,
+        "precision": float(precision(hits, taken - hits, 0, 0)),
+        "recall": float(recall(hits, 0, n_true - hits, 0)),
         "n_true": n_true,
         "hits": hits,
     }
@@ -649,9 +647,8 @@ def review_decisions(path: str | Path) -> pd.DataFrame:
 
 
 def _pooled_iou(stats: pd.DataFrame) -> float:
-    tp = float(stats["tp"].sum())
-    union = tp + float(stats["fp"].sum()) + float(stats["fn"].sum())
-    return tp / union if union > 0 else math.nan
+    tp, fp, fn = (float(stats[c].sum()) for c in ("tp", "fp", "fn"))
+    return float(iou_score(tp, fp, fn, 0.0))
 
 
 def corrected_metrics(

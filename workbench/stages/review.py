@@ -34,7 +34,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.predict import iter_split_chips, load_predictions
     from workbench.figures import chip_title, four_panel, four_panel_filename
-    from workbench.io import write_bytes_atomic
+    from workbench.io import write_parquet_atomic
     from workbench.review import ReviewChip, prefilter_table, resolve_top_k, review_table, top_k_scores
 
     run_dir = Path(run_dir)
@@ -65,9 +65,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     table = review_table(
         chips(), cfg, threshold=threshold, green=params.data.green_band, swir=params.data.swir_band, progress=False
     )
-    buffer = table.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(run_dir / DIAGNOSTICS / "review.parquet", buffer)
+    write_parquet_atomic(run_dir / DIAGNOSTICS / "review.parquet", table)
     result = StageResult(tables={"ranking": table.head(25), "prefilter": prefilter_table(table)})
     metrics: dict[str, Any] = {"audit.n_chips": len(table), "audit.out_of_fold": "train_oof" in sources.values()}
     if "noisy" in table:

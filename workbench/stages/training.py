@@ -16,7 +16,7 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
     """Per-chip table and pooled metrics of one predicted split (written to diagnostics/)."""
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.predict import load_predictions, per_chip_table, pooled_metrics
-    from workbench.io import write_bytes_atomic
+    from workbench.io import write_parquet_atomic
 
     prepared = load_prepared(run_dir, params.data)
     table = per_chip_table(
@@ -30,9 +30,7 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
         swir=params.data.swir_band,
         water_threshold=params.review.water_index_threshold,
     )
-    buffer = table.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(Path(run_dir) / DIAGNOSTICS / f"per_chip_{split}.parquet", buffer)
+    write_parquet_atomic(Path(run_dir) / DIAGNOSTICS / f"per_chip_{split}.parquet", table)
     return table, pooled_metrics(table)
 
 
@@ -55,8 +53,9 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.predict import write_predictions
     from workbench.figures import training_curves
+    from workbench.train.card import model_card, sampler_composition, split_summary
     from workbench.train.fit import train_model
-    from workbench.train.report import divergence_warnings, model_card, sampler_composition, split_summary
+    from workbench.train.log import divergence_warnings
 
     run_dir = Path(run_dir)
     prepared = load_prepared(run_dir, params.data)
@@ -105,7 +104,7 @@ def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame
     from workbench.arrays import sigmoid
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.predict import iter_split_chips, load_predictions
-    from workbench.train.report import pick_gallery_chips, prediction_gallery
+    from workbench.figures import pick_gallery_chips, prediction_gallery
 
     chosen = pick_gallery_chips(per_chip_val, n)
     if not chosen:
