@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import brier_score_loss
 
-from workbench.calibrate import (
+from workbench.evaluate.calibration import (
     CALIBRATION_FILE,
     Calibration,
     CalibrationError,
@@ -25,11 +25,10 @@ from workbench.calibrate import (
     ece,
     fit_temperature,
     mce,
-    plot_pr_curves,
-    plot_reliability,
     reliability_table,
 )
 from workbench.evaluate.metrics import ThresholdHistogram
+from workbench.figures import plot_pr_curves, plot_reliability
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

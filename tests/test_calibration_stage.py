@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 from sklearn.metrics import jaccard_score
 
-from workbench.calibrate import ece, fit_temperature
+from workbench.evaluate.calibration import ece, fit_temperature
 from workbench.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import torch
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 from torch import nn
 
-from workbench.calibrate import Calibration, fit_temperature
-from workbench.evaluate.report import (
+from workbench.evaluate.calibration import Calibration, fit_temperature
+from workbench.evaluate.scoring import (
     LogitHistogram,
     PixelSample,
     ReportInputError,
@@ -23,13 +23,12 @@ from workbench.evaluate.report import (
     evaluate_predictions,
     object_metrics,
     object_table,
-    plot_pr_curves_with_baseline,
-    plot_reliability_grid,
     pooled_summary,
     prevalence_metrics,
     prevalence_table,
     tta_comparison,
 )
+from workbench.figures import plot_pr_curves_with_baseline, plot_reliability_grid
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -232,7 +231,7 @@ def test_no_skill_average_precision_equals_the_prevalence() -> None:
 
 
 def test_prevalence_needs_positive_and_negative_chips() -> None:
-    from workbench.evaluate.metrics import MetricInputError
+    from workbench.functional import MetricInputError
 
     _, _, is_positive = prevalence_chips(n_pos=3, n_neg=0)
     with pytest.raises(MetricInputError, match="negative"):

@@ -7,32 +7,25 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import (
-    accuracy_score,
     average_precision_score,
-    confusion_matrix,
     f1_score,
     jaccard_score,
     precision_recall_curve,
     precision_score,
     recall_score,
 )
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from workbench.evaluate.metrics import (
-    MetricInputError,
     PrevalenceEvaluator,
     ThresholdHistogram,
     bench_sweep,
-    confusion_stats,
     group_metrics,
     per_chip_histograms,
-    pixel_accuracy,
     precision_at_prevalence,
     prevalence_metrics,
-    reduce,
-    segmentation_summary,
     threshold_index,
 )
+from workbench.functional import MetricInputError
 
 
 def _random_batch(rng: np.random.Generator, num_classes: int = 2, shape: tuple[int, ...] = (4, 32, 32)):
@@ -46,107 +39,6 @@ def _random_batch(rng: np.random.Generator, num_classes: int = 2, shape: tuple[i
 
 def _usable(label: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return valid & (label != 255)
-
-
-# --------------------------------------------------------------------------- confusion counts and reductions
-
-
-def test_confusion_stats_match_sklearn_confusion_matrix_per_image() -> None:
-    rng = np.random.default_rng(0)
-    pred, label, valid = _random_batch(rng, num_classes=3)
-    tp, fp, fn, tn = confusion_stats(pred, label, valid, num_classes=3)
-    assert tp.shape == (4, 3)
-    for b in range(4):
-        keep = _usable(label[b], valid[b])
-        cm = confusion_matrix(label[b][keep], pred[b][keep], labels=[0, 1, 2])
-        np.testing.assert_array_equal(tp[b], np.diag(cm))
-        np.testing.assert_array_equal(fp[b], cm.sum(axis=0) - np.diag(cm))
-        np.testing.assert_array_equal(fn[b], cm.sum(axis=1) - np.diag(cm))
-        np.testing.assert_array_equal(tp[b] + fp[b] + fn[b] + tn[b], keep.sum())
-
-
-def test_micro_binary_metrics_match_sklearn() -> None:
-    rng = np.random.default_rng(1)
-    pred, label, valid = _random_batch(rng)
-    counts = confusion_stats(pred, label, valid)
-    keep = _usable(label, valid)
-    y, p = label[keep], pred[keep]
-    assert reduce(*counts, metric="iou")[1] == pytest.approx(jaccard_score(y, p))
-    assert reduce(*counts, metric="f1")[1] == pytest.approx(f1_score(y, p))
-    assert reduce(*counts, metric="precision")[1] == pytest.approx(precision_score(y, p))
-    assert reduce(*counts, metric="recall")[1] == pytest.approx(recall_score(y, p))
-    assert reduce(*counts, metric="accuracy")[1] == pytest.approx(accuracy_score(y, p))
-    assert reduce(*counts, metric="iou")[0] == pytest.approx(jaccard_score(y, p, pos_label=0))
-    summary = segmentation_summary(*counts, class_names=["background", "target"])
-    assert summary["iou"] == pytest.approx(jaccard_score(y, p))
-    assert summary["iou/background"] == pytest.approx(jaccard_score(y, p, pos_label=0))
-    assert summary["pixel_accuracy"] == pytest.approx(accuracy_score(y, p))
-
-
-def test_per_image_mean_skips_images_where_metric_is_undefined() -> None:
-    rng = np.random.default_rng(2)
-    pred, label, valid = _random_batch(rng)
-    label[0] = np.where(label[0] == 255, 255, 0)  # image 0: no positives ...
-    pred[0] = 0  # ... and none predicted: IoU is 0/0
-    tp, fp, fn, tn = confusion_stats(pred, label, valid)
-    assert tp[0, 1] + fp[0, 1] + fn[0, 1] == 0
-    expected = []
-    for b in range(1, 4):
-        keep = _usable(label[b], valid[b])
-        expected.append(jaccard_score(label[b][keep], pred[b][keep]))
-    assert reduce(tp, fp, fn, tn, "iou", "per_image")[1] == pytest.approx(np.mean(expected))
-    # on image 0 alone, IoU, precision and recall of the positive class are 0/0 = NaN;
-    # accuracy is defined (every pixel is right)
-    first = (tp[:1], fp[:1], fn[:1], tn[:1])
-    for metric in ("iou", "precision", "recall"):
-        assert np.isnan(reduce(*first, metric=metric, reduction="per_image")[1])
-        assert np.isnan(reduce(*first, metric=metric, reduction="micro")[1])
-    assert reduce(*first, metric="accuracy", reduction="per_image")[1] == 1.0
-
-
-def test_miou_and_accuracy_match_torchmetrics_including_absent_class() -> None:
-    rng = np.random.default_rng(3)
-    pred, label, valid = _random_batch(rng, num_classes=4)
-    # class 3 neither present nor predicted anywhere: it must be left out of the mean
-    label[label == 3] = 0
-    pred[pred == 3] = 1
-    target = np.where(valid, label, 255)
-    jaccard = MulticlassJaccardIndex(num_classes=4, average="macro", ignore_index=255)
-    accuracy = MulticlassAccuracy(num_classes=4, average="micro", ignore_index=255)
-    expected_miou = float(jaccard(torch.from_numpy(pred), torch.from_numpy(target)))
-    expected_acc = float(accuracy(torch.from_numpy(pred), torch.from_numpy(target)))
-    counts = confusion_stats(torch.from_numpy(pred), torch.from_numpy(label), torch.from_numpy(valid), num_classes=4)
-    summary = segmentation_summary(*counts)
-    assert summary["miou"] == pytest.approx(expected_miou, abs=1e-6)
-    assert summary["pixel_accuracy"] == pytest.approx(expected_acc, abs=1e-6)
-    assert np.isnan(summary["iou/3"])
-    per_class = MulticlassJaccardIndex(num_classes=4, average="none", ignore_index=255)
-    expected_per_class = per_class(torch.from_numpy(pred), torch.from_numpy(target)).numpy()
-    np.testing.assert_allclose(reduce(*counts, metric="iou")[:3], expected_per_class[:3], rtol=1e-6)
-
-
-def test_pixel_accuracy_per_image_is_mean_of_image_accuracies() -> None:
-    rng = np.random.default_rng(4)
-    pred, label, valid = _random_batch(rng, num_classes=3)
-    counts = confusion_stats(pred, label, valid, num_classes=3)
-    expected = np.mean(
-        [accuracy_score(label[b][_usable(label[b], valid[b])], pred[b][_usable(label[b], valid[b])]) for b in range(4)]
-    )
-    assert pixel_accuracy(*counts, reduction="per_image") == pytest.approx(expected)
-
-
-def test_confusion_stats_rejects_bad_input() -> None:
-    label = np.zeros((2, 4, 4), dtype=np.int64)
-    with pytest.raises(MetricInputError, match="label holds class 2"):
-        confusion_stats(np.zeros_like(label), np.full_like(label, 2))
-    with pytest.raises(MetricInputError, match="shape"):
-        confusion_stats(np.zeros((2, 4, 5), dtype=np.int64), label)
-    with pytest.raises(MetricInputError, match="pred values"):
-        confusion_stats(np.full_like(label, 5), label)
-    with pytest.raises(MetricInputError, match="threshold first"):
-        confusion_stats(np.zeros(label.shape, dtype=np.float32), label)
-    with pytest.raises(MetricInputError, match="unknown metric"):
-        reduce(*confusion_stats(label, label), metric="dice")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- threshold histogram

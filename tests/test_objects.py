@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from workbench.evaluate.metrics import MetricInputError
 from workbench.evaluate.objects import ObjectMatcher, chip_objects, greedy_match, label_components, object_metrics
+from workbench.functional import MetricInputError
 
 
 def _row(table, iou_threshold: float, size_bin: str = "all"):

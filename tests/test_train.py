@@ -18,16 +18,12 @@ from torch import nn
 
 from workbench.data.dataset import ChipDataset
 from workbench.data.prepare import PreparedData, prepare_data
+from workbench.figures import pick_gallery_chips, prediction_gallery
 from workbench.params import EarlyStoppingConfig, Params, load_params
 from workbench.train import fit
 from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping
-from workbench.train.report import (
-    divergence_warnings,
-    pick_gallery_chips,
-    prediction_gallery,
-    sampler_composition,
-    split_summary,
-)
+from workbench.train.card import sampler_composition, split_summary
+from workbench.train.log import divergence_warnings, epoch_table
 from workbench.train.task import PR_BINS, NonFiniteLossError, SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +229,28 @@ def test_divergence_warnings_on_hand_made_curves(tmp_path: Path) -> None:
     assert divergence_warnings(noisy) == []  # val loss 0.5 % above its low: below min_rise
     with pytest.raises(FileNotFoundError, match=r"metrics\.csv"):
         divergence_warnings(tmp_path / "missing.csv")
+
+
+def test_epoch_table_keeps_the_last_value_of_a_step_and_averages_the_steps_of_an_epoch(tmp_path: Path) -> None:
+    rows = [
+        {"epoch": 0, "step": 0, "train/loss": 1.0},
+        {"epoch": 0, "step": 1, "train/loss": 0.8},
+        {"epoch": 0, "step": 1, "val/loss": 0.9, "val/iou": 0.4},
+        {"epoch": 0, "step": 1, "val/loss": 0.7},  # re-logged at the same step: replaces 0.9
+        {"epoch": 1, "step": 3, "train/loss": 0.6},
+        {"epoch": None, "step": 4, "train/loss": 9.0},  # no epoch: dropped
+    ]
+    path = write_rows(tmp_path / "metrics.csv", rows)
+    table = epoch_table(path)
+    assert table.index.tolist() == [0, 1]
+    np.testing.assert_allclose(table["train/loss"], [0.9, 0.6])
+    np.testing.assert_allclose(table.loc[0, ["val/loss", "val/iou"]].to_numpy(dtype=float), [0.7, 0.4])
+    assert np.isnan(table.loc[1, "val/loss"])
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
 
 
 def hand_catalog() -> pd.DataFrame:

@@ -9,7 +9,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
@@ -32,6 +35,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
 def write_text_atomic(path: Path, text: str) -> Path:
     """Atomic text write (UTF-8)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_parquet_atomic(path: Path, frame: pd.DataFrame, index: bool = False) -> Path:
+    """Atomic Parquet write of a DataFrame (the row index is written only with `index`)."""
+    data = frame.to_parquet(index=index)
+    if data is None:  # pandas returns the bytes when no path is given
+        raise RuntimeError(f"pandas wrote no Parquet bytes for {path}")
+    return write_bytes_atomic(path, data)
 
 
 def _json_default(value: Any) -> Any:

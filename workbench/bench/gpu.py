@@ -133,7 +133,8 @@ def measure_inference(
     batch_size: int,
 ) -> dict[str, Any]:
     """Batches of windows per second of the workbench's sliding-window inference over a random raster."""
-    from workbench.infer import sliding_window_logits, window_starts
+    from workbench.arrays import window_starts
+    from workbench.infer import sliding_window_logits
 
     model.eval()
     generator = torch.Generator(device="cpu").manual_seed(1)

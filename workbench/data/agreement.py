@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.arrays import IGNORE_INDEX
+from workbench.functional import confusion_counts, iou_score
 from workbench.params import ReviewParams
 
 REASON_AGREES = "kept: label agrees with water index"
@@ -114,11 +115,8 @@ def prepare_masks(
 
 def mask_iou(a: np.ndarray, b: np.ndarray, smooth: float = 0.0) -> float:
     """IoU of two boolean masks, (|a & b| + smooth) / (|a | b| + smooth); 1.0 when both are empty."""
-    intersection = float(np.count_nonzero(a & b))
-    union = float(np.count_nonzero(a | b))
-    if union + smooth <= 0:
-        return 1.0
-    return (intersection + smooth) / (union + smooth)
+    counts = confusion_counts(a, b, per_image=False)
+    return float(iou_score(*counts, zero_division=1.0, smooth=smooth)[0])
 
 
 # --------------------------------------------------------------------------- agreement and pre-filter

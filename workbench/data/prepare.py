@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from workbench.data.store import read_catalog, read_store_meta
-from workbench.io import write_bytes_atomic
+from workbench.io import write_parquet_atomic
 from workbench.params import DataParams
 
 CATALOG_FILE = "catalog.parquet"
@@ -79,9 +79,7 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
     out = Path(run_dir) / "data"
     out.mkdir(parents=True, exist_ok=True)
     catalog_path = out / CATALOG_FILE
-    buffer = catalog.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(catalog_path, buffer)
+    write_parquet_atomic(catalog_path, catalog)
     stats_path = out / STATS_FILE
     if cfg.normalize.stats_file is not None:
         stats = NormalizationStats.load(resolve_path(cfg.normalize.stats_file, root))

@@ -313,15 +313,13 @@ def open_store(path: str | Path, catalog: pd.DataFrame | None = None, dask: bool
 
 def write_catalog(path: str | Path, catalog: pd.DataFrame) -> None:
     """Replace a store's catalog atomically (for example after assigning splits); rows must keep their order."""
-    from workbench.io import write_bytes_atomic
+    from workbench.io import write_parquet_atomic
 
     path = Path(path)
     current = read_catalog(path)
     if list(current["chip_id"]) != list(catalog["chip_id"]):
         raise StoreError(f"{path}: the new catalog must list the same chips in the same order")
-    buffer = catalog.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(path / "catalog.parquet", buffer)
+    write_parquet_atomic(path / "catalog.parquet", catalog)
 
 
 _EMPTY_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written

@@ -41,6 +41,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from workbench.data.store import BandSpec, Chip, StoreWriter, positive_fraction, read_store_meta
+from workbench.functional import confusion_counts, iou_score
 from workbench.params import SplitConfig, SyntheticConfig
 
 GENERATOR_VERSION = 1
@@ -671,8 +672,9 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
+    """IoU of two boolean masks; 1.0 when both are empty."""
+    counts = confusion_counts(a, b, per_image=False)
+    return float(iou_score(*counts, zero_division=1.0)[0])
 
 
 def _shift_label(rng: np.random.Generator, clean: np.ndarray, lake: np.ndarray) -> np.ndarray:

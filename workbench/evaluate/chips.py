@@ -17,6 +17,7 @@ import xarray as xr
 
 from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.data.dataset import ChipDataset
+from workbench.functional import confusion_counts, iou_score, metrics_from_counts
 
 IDENTITY_COLUMNS = ("chip_id", "region", "year", "lat", "lon", "split")
 
@@ -26,11 +27,11 @@ def chip_counts(pred: np.ndarray, truth: np.ndarray, usable: np.ndarray) -> dict
 
     `pred` and `truth` are boolean masks; callers decide how probabilities become `pred`.
     """
-    pred, truth = pred & usable, truth & usable
-    tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
-    n = int(usable.sum())
+    counts = confusion_counts(pred, truth, valid=usable, per_image=False)
+    tp, fp, fn, tn = (int(c[0]) for c in counts)
+    n = tp + fp + fn + tn
     union = tp + fp + fn
-    iou = tp / union if union else float("nan")
+    iou = float(iou_score(tp, fp, fn, tn))
     flags = ["empty"] if union == 0 else []
     if tp + fn and iou < 0.05:
         flags.append("tail")
@@ -39,7 +40,7 @@ def chip_counts(pred: np.ndarray, truth: np.ndarray, usable: np.ndarray) -> dict
         "tp": tp,
         "fp": fp,
         "fn": fn,
-        "tn": n - tp - fp - fn,
+        "tn": tn,
         "label_pixels": tp + fn,
         "predicted_pixels": tp + fp,
         "intersection": tp,
@@ -101,24 +102,10 @@ def per_chip_table(
 
 def pooled_metrics(table: pd.DataFrame) -> dict[str, float]:
     """Pooled (sum I / sum U over the split) and per-chip mean metrics from a per-chip table."""
-    tp, fp, fn = (float(table[c].sum()) for c in ("tp", "fp", "fn"))
-    tn = float(table["tn"].sum())
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else float("nan")
-
+    tp, fp, fn, tn = (float(table[c].sum()) for c in ("tp", "fp", "fn", "tn"))
     return {
-        "iou": ratio(tp, tp + fp + fn),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-        "precision": ratio(tp, tp + fp),
-        "recall": ratio(tp, tp + fn),
-        "accuracy": ratio(tp + tn, tp + fp + fn + tn),
+        **metrics_from_counts(tp, fp, fn, tn),
         "mean_chip_iou": float(table["iou"].mean()) if table["iou"].notna().any() else float("nan"),
         "tail_chips": int((table["flags"].str.contains("tail")).sum()),
         "n_chips": len(table),
     }
-
-
-def grouped_metrics(table: pd.DataFrame, by: str) -> dict[str, dict[str, float]]:
-    """Pooled metrics per value of a catalog column (region, year, ...)."""
-    return {str(key): pooled_metrics(group) for key, group in table.groupby(by)}

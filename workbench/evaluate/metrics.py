@@ -1,17 +1,13 @@
-"""Pixel metrics for segmentation: confusion counts first, then a reduction (the smp pattern).
+"""Streaming pixel evaluators: per-chip count tables, threshold histograms and prevalence re-weighting.
 
-Conventions
------------
+Counts become metrics in `workbench.functional` (the one counts-to-metrics core, 0/0 = NaN); this
+module holds what accumulates the counts over a split.
+
 * Only pixels where ``valid`` is True and ``label != 255`` are counted.
-* ``confusion_stats`` returns per-image, per-class counts ``tp, fp, fn, tn`` of shape (B, C).
-* ``reduce`` turns counts into a metric per class, either ``"micro"`` (counts pooled over the
-  whole split, then the ratio) or ``"per_image"`` (ratio per image, then the mean over images).
-* **0/0 is NaN.** A ratio whose denominator is zero (e.g. IoU of a class that is neither present
-  nor predicted in an image) is undefined, so it is NaN and left out of every mean (images in
-  ``"per_image"``, classes in mIoU). This matches torchmetrics' macro Jaccard index, which drops
-  classes with no support and no prediction. A mean over nothing is NaN as well.
 * Binary probability maps: a pixel is positive when its label is neither 0 nor 255, and it is
   predicted positive when ``prob >= threshold``.
+
+``group_metrics`` pools per-chip counts by a catalog column (region, year, ...).
 
 ``ThresholdHistogram`` accumulates probability histograms of positive and negative pixels in one
 pass, so precision, recall, IoU and F1 at any threshold of the bin grid, the PR curve and average
@@ -24,207 +20,32 @@ other positive:negative chip ratios (e.g. 1:200, 1:500, 1:1000).
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
 from workbench.arrays import IGNORE_INDEX
+from workbench.functional import (
+    MetricInputError,
+    as_batch,
+    as_numpy,
+    label_batch,
+    metrics_from_counts,
+    precision,
+    recall,
+    safe_divide,
+    score,
+    valid_or_all,
+)
 
-METRICS = ("iou", "f1", "precision", "recall", "accuracy")
-Metric = Literal["iou", "f1", "precision", "recall", "accuracy"]
-Reduction = Literal["micro", "per_image"]
 DEFAULT_SWEEP = np.round(np.arange(0.10, 0.901, 0.05), 2)
 _CHUNK = 1 << 21  # pixels per update step: bounded memory and cache-friendly
 
 
-class MetricInputError(ValueError):
-    """Arrays handed to a metric do not have the shape, dtype or value range it expects."""
-
-
-# --------------------------------------------------------------------------- input handling
-
-
-def as_numpy(x: Any, name: str = "array") -> np.ndarray:
-    """Return `x` as a numpy array; torch tensors are detached and moved to the CPU."""
-    if x is None:
-        raise MetricInputError(f"{name} is None")
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def as_batch(x: Any, name: str) -> np.ndarray:
-    """(H, W) -> (1, H, W); (B, 1, H, W) -> (B, H, W); (B, H, W) unchanged."""
-    arr = as_numpy(x, name)
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim == 4 and arr.shape[1] == 1:
-        return arr[:, 0]
-    if arr.ndim != 3:
-        raise MetricInputError(f"{name} must have shape (H, W), (B, H, W) or (B, 1, H, W); got {arr.shape}")
-    return arr
-
-
-def valid_or_all(valid: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if valid is None:
-        return np.ones(shape, dtype=bool)
-    arr = as_batch(valid, "valid").astype(bool, copy=False)
-    if arr.shape != shape:
-        raise MetricInputError(f"valid has shape {arr.shape}, expected {shape} like label")
-    return arr
-
-
-def label_batch(label: Any, num_classes: int | None = None) -> np.ndarray:
-    """Labels as a (B, H, W) integer array (bool becomes 0/1), checked to hold class ids or 255."""
-    arr = as_batch(label, "label")
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    _check_label_range(arr, num_classes)
-    return arr
-
-
-def _check_label_range(label: np.ndarray, num_classes: int | None = None) -> None:
-    if not np.issubdtype(label.dtype, np.integer):
-        raise MetricInputError(f"label must hold integer class ids (255 = ignore); got dtype {label.dtype}")
-    if label.size == 0:
-        return
-    lo, hi = int(label.min()), int(label.max())
-    if lo < 0 or hi > IGNORE_INDEX:
-        raise MetricInputError(f"label values must lie in 0..{IGNORE_INDEX}; found {lo}..{hi}")
-    if num_classes is not None:
-        bad = (label >= num_classes) & (label != IGNORE_INDEX)
-        if bad.any():
-            raise MetricInputError(
-                f"label holds class {int(label[bad].max())} but num_classes={num_classes} (255 marks ignored pixels)"
-            )
-
-
-def _safe_ratio(num: ArrayLike, den: ArrayLike) -> np.ndarray:
-    """num / den with NaN where den == 0 (the documented 0/0 rule)."""
-    num_arr = np.asarray(num, dtype=np.float64)
-    den_arr = np.asarray(den, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = num_arr / den_arr
-    return np.where(den_arr == 0, np.nan, out)
-
-
-def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.asarray(np.nanmean(values, axis=axis))
-
-
-# --------------------------------------------------------------------------- confusion counts
-
-
-def confusion_stats(
-    pred: Any, label: Any, valid: Any = None, num_classes: int = 2
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-image, per-class confusion counts over valid, labelled pixels.
-
-    `pred` and `label` hold class ids, shape (H, W), (B, H, W) or (B, 1, H, W); `valid` is a bool
-    mask of the same shape (None = all valid). Returns ``tp, fp, fn, tn``, each int64 (B, C).
-    """
-    if num_classes < 2:
-        raise MetricInputError(f"num_classes must be >= 2 (binary = 2), got {num_classes}")
-    pred_arr = as_batch(pred, "pred")
-    label_arr = label_batch(label, num_classes)
-    if pred_arr.shape != label_arr.shape:
-        raise MetricInputError(f"pred has shape {pred_arr.shape} but label has shape {label_arr.shape}")
-    valid_arr = valid_or_all(valid, label_arr.shape)
-    if not np.issubdtype(pred_arr.dtype, np.integer) and pred_arr.dtype != bool:
-        raise MetricInputError(f"pred must hold integer class ids; got dtype {pred_arr.dtype} (threshold first)")
-    usable = valid_arr & (label_arr != IGNORE_INDEX)
-    pred_used = pred_arr[usable].astype(np.int64)
-    if pred_used.size and (pred_used.min() < 0 or pred_used.max() >= num_classes):
-        found = f"{pred_used.min()}..{pred_used.max()}"
-        raise MetricInputError(f"pred values must lie in 0..{num_classes - 1}; found {found}")
-    batch = label_arr.shape[0]
-    image_index = np.broadcast_to(np.arange(batch)[:, None, None], label_arr.shape)[usable]
-    cells = (image_index * num_classes + label_arr[usable].astype(np.int64)) * num_classes + pred_used
-    confmat = np.bincount(cells, minlength=batch * num_classes * num_classes).reshape(batch, num_classes, num_classes)
-    tp = np.einsum("bii->bi", confmat).copy()
-    fp = confmat.sum(axis=1) - tp  # predicted as the class, labelled otherwise
-    fn = confmat.sum(axis=2) - tp  # labelled as the class, predicted otherwise
-    total = confmat.sum(axis=(1, 2))[:, None]
-    tn = total - tp - fp - fn
-    return tp, fp, fn, tn
-
-
-def _metric_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, tn: ArrayLike, metric: str) -> np.ndarray:
-    tp_a, fp_a, fn_a, tn_a = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn, tn))
-    if metric == "iou":
-        return _safe_ratio(tp_a, tp_a + fp_a + fn_a)
-    if metric == "f1":
-        return _safe_ratio(2 * tp_a, 2 * tp_a + fp_a + fn_a)
-    if metric == "precision":
-        return _safe_ratio(tp_a, tp_a + fp_a)
-    if metric == "recall":
-        return _safe_ratio(tp_a, tp_a + fn_a)
-    if metric == "accuracy":
-        return _safe_ratio(tp_a + tn_a, tp_a + fp_a + fn_a + tn_a)
-    raise MetricInputError(f"unknown metric {metric!r}; expected one of {METRICS}")
-
-
-def reduce(
-    tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, tn: ArrayLike, metric: Metric = "iou", reduction: Reduction = "micro"
-) -> np.ndarray:
-    """Metric per class from (B, C) counts.
-
-    ``"micro"`` pools the counts over all images (the split) before the ratio; ``"per_image"``
-    takes the ratio per image and averages over the images where it is defined (0/0 = NaN, skipped).
-    """
-    tp_a, fp_a, fn_a, tn_a = (np.atleast_2d(np.asarray(v)) for v in (tp, fp, fn, tn))
-    if reduction == "micro":
-        return _metric_from_counts(tp_a.sum(axis=0), fp_a.sum(axis=0), fn_a.sum(axis=0), tn_a.sum(axis=0), metric)
-    if reduction == "per_image":
-        return _nanmean(_metric_from_counts(tp_a, fp_a, fn_a, tn_a, metric), axis=0)
-    raise MetricInputError(f"unknown reduction {reduction!r}; expected 'micro' or 'per_image'")
-
-
-def pixel_accuracy(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike, tn: ArrayLike, reduction: Reduction = "micro") -> float:
-    """Fraction of counted pixels whose predicted class equals the label (all classes together)."""
-    tp_a = np.atleast_2d(np.asarray(tp))
-    n_pixels = (tp_a + np.atleast_2d(fp) + np.atleast_2d(fn) + np.atleast_2d(tn))[:, 0]
-    if reduction == "micro":
-        return float(_safe_ratio(tp_a.sum(), n_pixels.sum()))
-    if reduction == "per_image":
-        return float(_nanmean(_safe_ratio(tp_a.sum(axis=1), n_pixels)))
-    raise MetricInputError(f"unknown reduction {reduction!r}; expected 'micro' or 'per_image'")
-
-
-def segmentation_summary(
-    tp: ArrayLike,
-    fp: ArrayLike,
-    fn: ArrayLike,
-    tn: ArrayLike,
-    class_names: Sequence[str] | None = None,
-    reduction: Reduction = "micro",
-) -> dict[str, float]:
-    """Per-class IoU, mIoU (mean over classes where IoU is defined) and pixel accuracy.
-
-    For two classes the positive class's IoU, F1, precision and recall are added under plain names.
-    """
-    iou = reduce(tp, fp, fn, tn, "iou", reduction)
-    names = list(class_names) if class_names is not None else [str(i) for i in range(iou.size)]
-    if len(names) != iou.size:
-        raise MetricInputError(f"class_names has {len(names)} names for {iou.size} classes")
-    out = {f"iou/{name}": float(value) for name, value in zip(names, iou)}
-    out["miou"] = float(_nanmean(iou))
-    out["pixel_accuracy"] = pixel_accuracy(tp, fp, fn, tn, reduction)
-    if iou.size == 2:
-        for metric in ("iou", "f1", "precision", "recall"):
-            out[metric] = float(reduce(tp, fp, fn, tn, metric, reduction)[1])  # type: ignore[arg-type]
-    return out
-
-
-def metrics_from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
-    """IoU, F1, precision, recall and accuracy from pooled counts of one class."""
-    return {metric: float(_metric_from_counts(tp, fp, fn, tn, metric)) for metric in METRICS}
+# --------------------------------------------------------------------------- tables of per-chip counts
 
 
 def group_metrics(
@@ -246,7 +67,8 @@ def group_metrics(
         raise MetricInputError(f"per_chip table lacks column(s) {missing}; it has {list(per_chip.columns)}")
     counts = per_chip[["tp", "fp", "fn", "tn"]].astype(np.float64)
     chip_values = pd.DataFrame(
-        {m: _metric_from_counts(counts.tp, counts.fp, counts.fn, counts.tn, m) for m in metrics}, index=per_chip.index
+        {m: score(m, counts.tp, counts.fp, counts.fn, counts.tn) for m in metrics},  # type: ignore[arg-type]
+        index=per_chip.index,
     )
     table = pd.concat([per_chip[keys], counts, chip_values.add_suffix("_chip_mean")], axis=1)
 
@@ -254,7 +76,7 @@ def group_metrics(
         row: dict[str, float] = {"n_chips": float(len(frame))}
         row.update({c: float(frame[c].sum()) for c in ("tp", "fp", "fn", "tn")})
         for m in metrics:
-            row[m] = float(_metric_from_counts(row["tp"], row["fp"], row["fn"], row["tn"], m))
+            row[m] = float(score(m, row["tp"], row["fp"], row["fn"], row["tn"]))  # type: ignore[arg-type]
             row[f"{m}_chip_mean"] = float(frame[f"{m}_chip_mean"].mean())  # pandas skips NaN
         return row
 
@@ -411,7 +233,7 @@ class ThresholdHistogram:
         tp, fp, fn, tn = self.counts_at(t, class_index)
         table = pd.DataFrame({"threshold": t, "tp": tp, "fp": fp, "fn": fn, "tn": tn})
         for metric in ("iou", "f1", "precision", "recall"):
-            table[metric] = _metric_from_counts(tp, fp, fn, tn, metric)
+            table[metric] = score(metric, tp, fp, fn, tn)  # type: ignore[arg-type]
         return table
 
     def pr_curve(self, class_index: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -422,10 +244,8 @@ class ThresholdHistogram:
         """
         occupied = np.flatnonzero((self.pos[class_index] + self.neg[class_index]) > 0)
         thresholds = occupied / self.bins
-        tp, fp, fn, _ = self.counts_at(thresholds, class_index)
-        precision = _safe_ratio(tp, tp + fp)
-        recall = _safe_ratio(tp, tp + fn)
-        return np.append(precision, 1.0), np.append(recall, 0.0), thresholds
+        tp, fp, fn, tn = self.counts_at(thresholds, class_index)
+        return np.append(precision(tp, fp, fn, tn), 1.0), np.append(recall(tp, fp, fn, tn), 0.0), thresholds
 
     def pr_auc(self, class_index: int = 0) -> float:
         """Average precision, sum_n (R_n - R_{n-1}) P_n over thresholds from high to low.
@@ -433,12 +253,12 @@ class ThresholdHistogram:
         Equals ``sklearn.metrics.average_precision_score`` when scores fall on distinct bins;
         NaN when there are no positive pixels.
         """
-        precision, recall, _ = self.pr_curve(class_index)
-        if not np.isfinite(recall).all():
+        curve_precision, curve_recall, _ = self.pr_curve(class_index)
+        if not np.isfinite(curve_recall).all():
             return float("nan")
         # pr_curve runs from low to high threshold; recall decreases along it
-        steps = recall[:-1] - recall[1:]
-        return float(np.sum(steps * np.nan_to_num(precision[:-1], nan=0.0)))
+        steps = curve_recall[:-1] - curve_recall[1:]
+        return float(np.sum(steps * np.nan_to_num(curve_precision[:-1], nan=0.0)))
 
     def __repr__(self) -> str:
         return (
@@ -507,7 +327,8 @@ def precision_at_prevalence(tpr: ArrayLike, fpr: ArrayLike, pi: ArrayLike) -> np
     tpr_a, fpr_a, pi_a = (np.asarray(v, dtype=np.float64) for v in (tpr, fpr, pi))
     if np.any((pi_a < 0) | (pi_a > 1)):
         raise MetricInputError(f"prevalence pi must lie in [0, 1]; got {pi_a}")
-    return _safe_ratio(tpr_a * pi_a, tpr_a * pi_a + fpr_a * (1 - pi_a))
+    # precision with the expected true and false positive shares at that prevalence as counts
+    return precision(tpr_a * pi_a, fpr_a * (1 - pi_a), 0.0, 0.0)
 
 
 class PrevalenceEvaluator:
@@ -537,15 +358,6 @@ class PrevalenceEvaluator:
                 f"need positive and negative chips; got {self.n_pos_chips} positive, {self.n_neg_chips} negative"
             )
 
-    @classmethod
-    def from_histograms(cls, hists: Sequence[ThresholdHistogram], is_positive: ArrayLike) -> PrevalenceEvaluator:
-        """Build from one binary ThresholdHistogram per chip."""
-        if not hists:
-            raise MetricInputError("no chip histograms given")
-        if any(h.num_classes != 1 or h.bins != hists[0].bins for h in hists):
-            raise MetricInputError("chip histograms must all be binary with the same number of bins")
-        return cls(np.stack([h.pos[0] for h in hists]), np.stack([h.neg[0] for h in hists]), is_positive)
-
     def negative_weight(self, ratio: float) -> float:
         """Weight of each negative chip for a 1:`ratio` positive:negative chip ratio."""
         if ratio <= 0:
@@ -570,7 +382,7 @@ class PrevalenceEvaluator:
                     "ratio": ratio,
                     "negative_weight": weight,
                     "upweighted": weight > 1,
-                    "pixel_prevalence": float(_safe_ratio(tp + fn, tp + fp + fn + tn)),
+                    "pixel_prevalence": float(safe_divide(tp + fn, tp + fp + fn + tn)),
                     "threshold": threshold,
                     **metrics_from_counts(tp, fp, fn, tn),
                     "pr_auc": hist.pr_auc(),

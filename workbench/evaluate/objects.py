@@ -25,7 +25,16 @@ import pandas as pd
 from scipy import ndimage
 
 from workbench.arrays import IGNORE_INDEX
-from workbench.evaluate.metrics import MetricInputError, as_batch, label_batch, valid_or_all
+from workbench.functional import (
+    MetricInputError,
+    as_batch,
+    iou_score,
+    label_batch,
+    precision,
+    recall,
+    safe_divide,
+    valid_or_all,
+)
 
 DEFAULT_IOU_THRESHOLDS = (0.5, 0.3, 0.1)
 
@@ -63,9 +72,8 @@ def chip_objects(
     inter = table[1:, 1:].astype(np.float64)
     pred_area = table[1:].sum(axis=1)
     gt_area = table[:, 1:].sum(axis=0)
-    union = pred_area[:, None] + gt_area[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
+    # a pair's false positives are the predicted object's pixels outside the GT object, and vice versa
+    iou = iou_score(inter, pred_area[:, None] - inter, gt_area[None, :] - inter, 0.0, zero_division=0.0)
     prob_sum = np.bincount(pred_ids.ravel(), weights=prob.ravel().astype(np.float64), minlength=n_pred + 1)[1:]
     pixel_count = np.bincount(pred_ids.ravel(), minlength=n_pred + 1)[1:]
     score = prob_sum / np.maximum(pixel_count, 1)
@@ -193,10 +201,12 @@ class ObjectMatcher:
         tp_gt: int,
         row: int | None = None,
     ) -> dict[str, Any]:
-        precision = tp_pred / n_pred if n_pred else float("nan")
-        recall = tp_gt / n_gt if n_gt else float("nan")
-        # pooled F1 = (matched predictions + matched GT) / (predictions + GT) = 2TP / (2TP + FP + FN)
-        f1 = (tp_pred + tp_gt) / (n_pred + n_gt) if n_pred + n_gt else float("nan")
+        # precision counts predicted objects (matched = tp_pred), recall ground-truth objects (matched = tp_gt);
+        # within a size bin the two differ, so F1 is pooled over both:
+        # (matched predictions + matched GT) / (predictions + GT), = 2TP / (2TP + FP + FN) on "all" rows
+        object_precision = float(precision(tp_pred, n_pred - tp_pred, 0, 0))
+        object_recall = float(recall(tp_gt, 0, n_gt - tp_gt, 0))
+        f1 = float(safe_divide(tp_pred + tp_gt, n_pred + n_gt))
         out: dict[str, Any] = {
             "iou_threshold": iou_threshold,
             "size_bin": size_bin,
@@ -208,8 +218,8 @@ class ObjectMatcher:
             "tp_gt": int(tp_gt),
             "fp": int(n_pred - tp_pred),
             "fn": int(n_gt - tp_gt),
-            "precision": precision,
-            "recall": recall,
+            "precision": object_precision,
+            "recall": object_recall,
             "f1": f1,
             "sq": float("nan"),
             "pq": float("nan"),

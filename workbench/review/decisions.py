@@ -8,7 +8,6 @@ append-only JSON-lines file that survives crashes; `review_decisions` reads the 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.data.agreement import require_columns
+from workbench.functional import iou_score
 
 DECISIONS = ("keep", "drop", "fix", "unsure")
 
@@ -153,9 +153,8 @@ def review_decisions(path: str | Path) -> pd.DataFrame:
 
 
 def _pooled_iou(stats: pd.DataFrame) -> float:
-    tp = float(stats["tp"].sum())
-    union = tp + float(stats["fp"].sum()) + float(stats["fn"].sum())
-    return tp / union if union > 0 else math.nan
+    tp, fp, fn = (float(stats[c].sum()) for c in ("tp", "fp", "fn"))
+    return float(iou_score(tp, fp, fn, 0.0))
 
 
 def corrected_metrics(

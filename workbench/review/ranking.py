@@ -8,7 +8,6 @@ injected label noise are known, `top_k_scores` measures how many of them the top
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
@@ -23,6 +22,7 @@ from workbench.data.agreement import (
     prepare_masks,
     require_columns,
 )
+from workbench.functional import precision, recall
 from workbench.params import ReviewParams
 from workbench.review.signals import SCORE_COLUMNS, ReviewChip, noise_terms_from_masks
 
@@ -181,8 +181,8 @@ def top_k_scores(table: pd.DataFrame, k: int, truth_column: str = "noisy") -> di
     taken = len(top)
     return {
         "k": taken,
-        "precision": hits / taken if taken else math.nan,
-        "recall": hits / n_true if n_true else math.nan,
+        "precision": float(precision(hits, taken - hits, 0, 0)),
+        "recall": float(recall(hits, 0, n_true - hits, 0)),
         "n_true": n_true,
         "hits": hits,
     }

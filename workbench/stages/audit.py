@@ -89,7 +89,7 @@ def audit_store(
     )
     from workbench.data.agreement import prefilter_table
     from workbench.data.store import read_store_meta
-    from workbench.io import write_bytes_atomic
+    from workbench.io import write_parquet_atomic
 
     cfg = params.data
     store_bands = [band["name"] for band in read_store_meta(prepared.store)["bands"]]
@@ -104,9 +104,7 @@ def audit_store(
         progress=progress,
     )
     chips = scan.chips
-    buffer = chips.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(Path(run_dir) / DIAGNOSTICS / "data_audit_chips.parquet", buffer)
+    write_parquet_atomic(Path(run_dir) / DIAGNOSTICS / "data_audit_chips.parquet", chips)
     nodata = nodata_by_group(chips)
     positive = positive_by_group(chips, threshold=cfg.sampler.positive_threshold)
     result.tables.update(band_stats=scan.band_stats, nodata=nodata, positive_by_split_region=positive)

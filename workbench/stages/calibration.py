@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workbench.io import write_bytes_atomic, write_json_atomic
+from workbench.io import write_json_atomic, write_parquet_atomic
 from workbench.params import Params
 from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
 
@@ -30,8 +30,8 @@ def _records(table: pd.DataFrame, key: str) -> dict[str, dict[str, Any]]:
 def _scan_split(
     params: Params, run_dir: Path, prepared: Any, split: str, calibration: Any = None, max_sample: int = 1_000_000
 ) -> Any:
-    """One pass over a split's stored logits (see `workbench.evaluate.report.evaluate_predictions`)."""
-    from workbench.evaluate.report import evaluate_predictions, iter_label_logits
+    """One pass over a split's stored logits (see `workbench.evaluate.scoring.evaluate_predictions`)."""
+    from workbench.evaluate.scoring import evaluate_predictions, iter_label_logits
     from workbench.infer.chips import load_predictions
 
     predictions = load_predictions(run_dir, split)
@@ -53,7 +53,7 @@ def _choose_thresholds(params: Params, evaluation: Any, temperature: float) -> t
     The table also shows what the same rule picks on uncalibrated probabilities (T = 1): the
     threshold moves with the temperature, which is why it is chosen after calibrating.
     """
-    from workbench.calibrate import choose_threshold, choose_thresholds_by_group
+    from workbench.evaluate.calibration import choose_threshold, choose_thresholds_by_group
 
     cfg, bins = params.calibrate, params.evaluate.histogram_bins
     rule: dict[str, Any] = {
@@ -78,8 +78,8 @@ def _choose_thresholds(params: Params, evaluation: Any, temperature: float) -> t
 
 def _prevalence(params: Params, evaluation: Any, threshold: float) -> tuple[pd.DataFrame, dict[str, Any], str]:
     """Prevalence table and curves; an empty table and the reason when the test split cannot be re-weighted."""
-    from workbench.evaluate.metrics import MetricInputError
-    from workbench.evaluate.report import prevalence_table
+    from workbench.evaluate.scoring import prevalence_table
+    from workbench.functional import MetricInputError
 
     is_positive = evaluation.per_chip["label_pixels"].to_numpy() > 0
     try:
@@ -94,7 +94,7 @@ def _prevalence(params: Params, evaluation: Any, threshold: float) -> tuple[pd.D
 def _tta(params: Params, run_dir: Path, prepared: Any, temperature: float, threshold: float, max_chips: int) -> Any:
     """TTA comparison on the first `max_chips` val chips with the saved model bundle."""
     from workbench.data.dataset import ChipDataset
-    from workbench.evaluate.report import tta_comparison
+    from workbench.evaluate.scoring import tta_comparison
     from workbench.models.bundle import load_bundle
 
     split = "val" if (prepared.catalog["split"] == "val").any() else params.calibrate.split
@@ -120,19 +120,18 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
     `tta_chips` bounds the TTA comparison (0 skips it); `max_sample` bounds the pixel sample used for
     ECE, MCE, Brier and reliability diagrams.
     """
-    from workbench.calibrate import Calibration
     from workbench.data.prepare import load_prepared
+    from workbench.evaluate.calibration import Calibration
     from workbench.evaluate.metrics import group_metrics
-    from workbench.evaluate.report import (
+    from workbench.evaluate.scoring import (
         calibration_quality,
         object_metrics,
         object_table,
-        plot_pr_curves_with_baseline,
-        plot_reliability_grid,
         pooled_summary,
         pr_curve_record,
         prevalence_metrics,
     )
+    from workbench.figures import plot_pr_curves_with_baseline, plot_reliability_grid
 
     run_dir = Path(run_dir)
     cfg, bins = params.calibrate, params.evaluate.histogram_bins
@@ -191,9 +190,7 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
         {"table": prevalence.to_dict(orient="records"), "curves": prevalence_curves, "note": prevalence_note},
     )
     write_json_atomic(diagnostics / "objects.json", objects.to_dict(orient="records"))
-    buffer = per_chip.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(diagnostics / "per_chip_test_calibrated.parquet", buffer)
+    write_parquet_atomic(diagnostics / "per_chip_test_calibrated.parquet", per_chip)
 
     save_stage_figure(
         plot_reliability_grid({cfg.split: cal_tables, "test": test_tables}), run_dir, "reliability", result

@@ -36,7 +36,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     from workbench.evaluate.chips import iter_split_chips
     from workbench.figures import chip_title, four_panel, four_panel_filename
     from workbench.infer.chips import load_predictions
-    from workbench.io import write_bytes_atomic
+    from workbench.io import write_parquet_atomic
     from workbench.review import ReviewChip, resolve_top_k, review_table, top_k_scores
 
     run_dir = Path(run_dir)
@@ -67,9 +67,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     table = review_table(
         chips(), cfg, threshold=threshold, green=params.data.green_band, swir=params.data.swir_band, progress=False
     )
-    buffer = table.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(run_dir / DIAGNOSTICS / "review.parquet", buffer)
+    write_parquet_atomic(run_dir / DIAGNOSTICS / "review.parquet", table)
     result = StageResult(tables={"ranking": table.head(25), "prefilter": prefilter_table(table)})
     metrics: dict[str, Any] = {"review.n_chips": len(table), "review.out_of_fold": "train_oof" in sources.values()}
     if "noisy" in table:

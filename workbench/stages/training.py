@@ -17,7 +17,7 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.chips import per_chip_table, pooled_metrics
     from workbench.infer.chips import load_predictions
-    from workbench.io import write_bytes_atomic
+    from workbench.io import write_parquet_atomic
 
     prepared = load_prepared(run_dir, params.data)
     table = per_chip_table(
@@ -31,9 +31,7 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
         swir=params.data.swir_band,
         water_threshold=params.review.water_index_threshold,
     )
-    buffer = table.to_parquet(index=False)
-    assert buffer is not None
-    write_bytes_atomic(Path(run_dir) / DIAGNOSTICS / f"per_chip_{split}.parquet", buffer)
+    write_parquet_atomic(Path(run_dir) / DIAGNOSTICS / f"per_chip_{split}.parquet", table)
     return table, pooled_metrics(table)
 
 
@@ -56,8 +54,9 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     from workbench.data.prepare import load_prepared
     from workbench.figures import training_curves
     from workbench.infer.chips import write_predictions
+    from workbench.train.card import model_card, sampler_composition, split_summary
     from workbench.train.fit import train_model
-    from workbench.train.report import divergence_warnings, model_card, sampler_composition, split_summary
+    from workbench.train.log import divergence_warnings
 
     run_dir = Path(run_dir)
     prepared = load_prepared(run_dir, params.data)
@@ -106,8 +105,8 @@ def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame
     from workbench.arrays import sigmoid
     from workbench.data.prepare import load_prepared
     from workbench.evaluate.chips import iter_split_chips
+    from workbench.figures import pick_gallery_chips, prediction_gallery
     from workbench.infer.chips import load_predictions
-    from workbench.train.report import pick_gallery_chips, prediction_gallery
 
     chosen = pick_gallery_chips(per_chip_val, n)
     if not chosen:

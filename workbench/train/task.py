@@ -7,7 +7,6 @@ change, not a new training class.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from workbench.data.dataset import Sample, loss_mask
+from workbench.functional import metrics_from_counts
 from workbench.params import ModelParams, TrainParams
 
 PR_BINS = 100
@@ -53,13 +53,8 @@ class PixelCounts(nn.Module):
         self.counts += torch.stack([tp, fp, fn, tn]).double()
 
     def compute(self) -> dict[str, float]:
-        tp, fp, fn, _ = (float(v) for v in self.counts)
-        return {
-            "iou": tp / (tp + fp + fn) if tp + fp + fn else float("nan"),
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
-            "precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "recall": tp / (tp + fn) if tp + fn else float("nan"),
-        }
+        tp, fp, fn, tn = (float(v) for v in self.counts)
+        return metrics_from_counts(tp, fp, fn, tn, metrics=("iou", "f1", "precision", "recall"))
 
 
 class SegmentationTask(L.LightningModule):
@@ -319,8 +314,3 @@ class SegmentationTask(L.LightningModule):
             num_layers=getattr(self.model, "num_backbone_layers", None),
         )
         return describe_param_groups(groups)
-
-
-def dump_hparams(task: SegmentationTask) -> str:
-    """Task hyper-parameters as JSON text (for logs)."""
-    return json.dumps(dict(task.hparams), indent=2, default=str)

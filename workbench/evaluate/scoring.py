@@ -1,4 +1,4 @@
-"""Evaluation report of a predicted split, built from ONE pass over its stored logits.
+"""The evaluation engine: scores a split's stored predictions in ONE pass over its logits.
 
 `evaluate_predictions` reads each chip's logits, label and valid mask once and accumulates:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,21 +34,22 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from workbench.arrays import IGNORE_INDEX
-from workbench.calibrate import Calibration, apply_temperature, brier, ece, fit_temperature, mce, reliability_table
-from workbench.evaluate.chips import chip_counts, chip_identity
-from workbench.evaluate.metrics import (
-    MetricInputError,
-    PrevalenceEvaluator,
-    ThresholdHistogram,
-    metrics_from_counts,
-    per_chip_histograms,
-    segmentation_summary,
+from workbench.evaluate.calibration import (
+    Calibration,
+    apply_temperature,
+    brier,
+    ece,
+    fit_temperature,
+    mce,
+    reliability_table,
 )
+from workbench.evaluate.chips import chip_counts, chip_identity
+from workbench.evaluate.metrics import PrevalenceEvaluator, ThresholdHistogram, per_chip_histograms
 from workbench.evaluate.objects import DEFAULT_IOU_THRESHOLDS, ObjectMatcher
+from workbench.functional import metrics_from_counts, segmentation_summary
 
 if TYPE_CHECKING:
     import xarray as xr
-    from matplotlib.figure import Figure
 
 FLOAT16_CODES = 1 << 16
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -138,7 +139,7 @@ class LogitHistogram:
         return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX), self.pos[occupied], self.neg[occupied]
 
     def fit_temperature(self) -> float:
-        """Temperature minimising the NLL of every counted pixel (`workbench.calibrate.fit_temperature`)."""
+        """Temperature minimising the NLL of every counted pixel (`workbench.evaluate.calibration.fit_temperature`)."""
         values, pos, neg = self.support()
         if pos.sum() == 0 or neg.sum() == 0:
             counts = f"got {pos.sum()} positive, {neg.sum()} negative"
@@ -319,7 +320,7 @@ def pooled_summary(per_chip: pd.DataFrame, class_names: Sequence[str] = ("backgr
     c_tp, c_fp, c_fn, c_tn = (np.stack(pair, axis=1) for pair in ((tn, tp), (fn, fp), (fp, fn), (tp, tn)))
     summary: dict[str, Any] = segmentation_summary(c_tp, c_fp, c_fn, c_tn, class_names=class_names)
     summary["accuracy"] = summary["pixel_accuracy"]
-    chip = segmentation_summary(c_tp, c_fp, c_fn, c_tn, class_names=class_names, reduction="per_image")
+    chip = segmentation_summary(c_tp, c_fp, c_fn, c_tn, class_names=class_names, imagewise=True)
     summary["mean_chip_iou"] = float(per_chip["iou"].mean()) if per_chip["iou"].notna().any() else float("nan")
     summary["mean_chip_f1"] = chip["f1"]
     summary["n_chips"] = len(per_chip)
@@ -438,12 +439,13 @@ def tta_comparison(
             prob = torch.sigmoid(logits / temperature)
             counts += _batch_counts(prob, batch["label"], batch["valid"], threshold)
         seconds = time.perf_counter() - started
+        tp, fp, fn, tn = (float(c) for c in counts)
         rows.append(
             {
                 "mode": mode,
                 "passes": len(TTA_MODES[mode]),
                 "n_chips": n_chips,
-                **metrics_from_counts(*(float(c) for c in counts)),
+                **metrics_from_counts(tp, fp, fn, tn),
                 "seconds": seconds,
                 "seconds_per_chip": seconds / n_chips,
             }
@@ -456,62 +458,9 @@ def tta_comparison(
     return table
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def plot_reliability_grid(tables: Mapping[str, Mapping[str, pd.DataFrame]]) -> Figure:
-    """Reliability diagrams: one row per split, equal-width and equal-mass bins side by side, before/after."""
-    import matplotlib.pyplot as plt
-
-    from workbench.calibrate import plot_reliability
-
-    fig, axes = plt.subplots(len(tables), 2, figsize=(9, 4.3 * len(tables)), squeeze=False)
-    for row, (split, split_tables) in enumerate(tables.items()):
-        for col, (strategy, title) in enumerate((("uniform", "equal-width bins"), ("quantile", "equal-mass bins"))):
-            ax = axes[row, col]
-            pair = {
-                "before (T = 1)": split_tables[f"{strategy}/before"],
-                "after": split_tables[f"{strategy}/after"],
-            }
-            plot_reliability(pair, ax=ax)
-            ax.set_title(f"{split}: {title}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_pr_curves_with_baseline(
-    curves: Mapping[str, Mapping[str, Any]], title: str, log_precision: bool = False
-) -> Figure:
-    """PR curves (from `pr_curve_record`) with each curve's no-skill line (precision = prevalence) dashed.
-
-    `log_precision` puts precision on a log axis, which keeps curves at prevalences of 1e-3 visible.
-    """
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, curve in curves.items():
-        (line,) = ax.step(curve["recall"], curve["precision"], where="post", label=f"{name} (AP {curve['pr_auc']:.3g})")
-        ax.axhline(curve["prevalence"], color=line.get_color(), linestyle="--", linewidth=0.8)
-    ax.plot([], [], color="0.4", linestyle="--", linewidth=0.8, label="no skill (= prevalence)")
-    ax.set_xlim(0, 1)
-    if log_precision:
-        floor = min((c["prevalence"] for c in curves.values() if c["prevalence"] > 0), default=1e-4)
-        ax.set_yscale("log")
-        ax.set_ylim(floor / 3, 1.05)
-    else:
-        ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(title)
-    ax.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
 __all__ = [
     "DEFAULT_SIZE_BINS",
     "LogitHistogram",
-    "MetricInputError",
     "PixelSample",
     "ReportInputError",
     "SplitEvaluation",
@@ -520,8 +469,6 @@ __all__ = [
     "iter_label_logits",
     "object_metrics",
     "object_table",
-    "plot_pr_curves_with_baseline",
-    "plot_reliability_grid",
     "pooled_summary",
     "pr_curve_record",
     "prevalence_metrics",

@@ -5,9 +5,9 @@ log-likelihood on a calibration split that is spatially disjoint from train and 
 are chosen after calibrating, from a `ThresholdHistogram` of calibrated probabilities.
 
 Calibration quality is reported as ECE (L1, equal-width or equal-mass bins), MCE, Brier score and
-reliability diagrams. All of them score the positive-class probability against the observed
-positive frequency (the reliability of P(y = 1)), which is what a threshold acts on; only pixels
-where ``valid`` is True and ``label != 255`` count.
+reliability tables (drawn by `workbench.figures.calibration`). All of them score the positive-class
+probability against the observed positive frequency (the reliability of P(y = 1)), which is what a
+threshold acts on; only pixels where ``valid`` is True and ``label != 255`` count.
 
 The result is a `Calibration` saved as ``calibration.json`` beside the model.
 """
@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,12 +27,9 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 
 from workbench.arrays import IGNORE_INDEX, sigmoid
-from workbench.evaluate.metrics import ThresholdHistogram, as_numpy
+from workbench.evaluate.metrics import ThresholdHistogram
+from workbench.functional import as_numpy
 from workbench.io import read_json, write_json_atomic
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 CALIBRATION_FILE = "calibration.json"
 ThresholdRule = Literal["best_iou", "best_f1", "target_precision", "fixed"]
@@ -307,46 +304,3 @@ class Calibration:
             return cls(**data)
         except (TypeError, CalibrationError) as exc:
             raise CalibrationError(f"{target}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def plot_reliability(tables: Mapping[str, pd.DataFrame], ax: Axes | None = None) -> Figure:
-    """Reliability diagram: observed frequency against mean probability per bin, one line per table."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    else:
-        fig = ax.figure  # type: ignore[assignment]
-    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
-    for name, table in tables.items():
-        filled = table[table["count"] > 0]
-        ax.plot(filled["confidence"], filled["frequency"], marker="o", markersize=3, label=name)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed positive frequency")
-    ax.set_title("Reliability")
-    ax.legend(loc="upper left", fontsize="small")
-    return fig
-
-
-def plot_pr_curves(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], ax: Axes | None = None) -> Figure:
-    """Precision-recall curves; `curves` maps a name to (precision, recall)."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    else:
-        fig = ax.figure  # type: ignore[assignment]
-    for name, (precision, recall) in curves.items():
-        ax.step(np.asarray(recall), np.asarray(precision), where="post", label=name)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("Precision-recall")
-    ax.legend(loc="lower left", fontsize="small")
-    return fig
