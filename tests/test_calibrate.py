@@ -15,7 +15,6 @@ import torch
 from sklearn.metrics import brier_score_loss
 
 from workbench.calibrate import (
-    CALIBRATION_FILE,
     Calibration,
     CalibrationError,
     apply_temperature,
@@ -30,6 +29,7 @@ from workbench.calibrate import (
     reliability_table,
 )
 from workbench.evaluate.metrics import ThresholdHistogram
+from workbench.run import CALIBRATION_FILE
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
