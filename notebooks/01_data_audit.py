@@ -22,7 +22,9 @@
 # hours of training.
 #
 # This stage also assigns the spatial split and computes the normalisation statistics on the train
-# split; later stages read both from the run directory.
+# split; later stages read both from the run directory. The parameters are frozen into the run
+# directory's `params.yaml` when it is created; every notebook of the run reads that copy, not
+# `params_file` again.
 
 # %% tags=["parameters"]
 params_file = "../params/demo.yaml"
@@ -35,6 +37,7 @@ from IPython.display import display
 from workbench.data.prepare import load_prepared
 from workbench.data.store import read_store_meta
 from workbench.notebook import open_run, show_figures, show_metrics
+from workbench.run import RunLayout
 from workbench.stages import run_data_audit
 
 params, run_path = open_run(params_file, overrides, run_dir)
@@ -132,7 +135,7 @@ else:
 # %%
 import pandas as pd
 
-chips = pd.read_parquet(run_path / "diagnostics" / "data_audit_chips.parquet")
+chips = pd.read_parquet(RunLayout(run_path).data_audit_chips)
 if "iou_label_water" in chips:
     columns = ["chip_id", "split", "region", "year", "label_fraction", "water_fraction", "iou_label_water"]
     display(chips[chips["label_fraction"] > 0].nsmallest(10, "iou_label_water")[columns].round(3))

@@ -11,17 +11,9 @@ import torch
 from torch import nn
 
 from workbench.data.normalize import NormalizationStats
-from workbench.models.bundle import (
-    CALIBRATION_FILE,
-    MODEL_FILE,
-    STATS_FILE,
-    BandMismatchError,
-    check_bands,
-    load_bundle,
-    save_bundle,
-    write_calibration,
-)
+from workbench.models.bundle import BandMismatchError, check_bands, load_bundle, save_bundle, write_calibration
 from workbench.params import ModelParams
+from workbench.run import CALIBRATION_FILE, MODEL_FILE, STATS_FILE
 
 BANDS = ["B03", "B11", "VV"]
 MODALITIES = ["S2L2A", "S2L2A", "S1GRD"]

@@ -15,7 +15,6 @@ import torch
 from sklearn.metrics import brier_score_loss
 
 from workbench.evaluate.calibration import (
-    CALIBRATION_FILE,
     Calibration,
     CalibrationError,
     apply_temperature,
@@ -29,6 +28,7 @@ from workbench.evaluate.calibration import (
 )
 from workbench.evaluate.metrics import ThresholdHistogram
 from workbench.figures import plot_pr_curves, plot_reliability
+from workbench.run import CALIBRATION_FILE
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

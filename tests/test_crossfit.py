@@ -17,7 +17,8 @@ from workbench.data.prepare import PreparedData, prepare_data
 from workbench.data.split import block_indices
 from workbench.infer.chips import load_predictions
 from workbench.params import Params
-from workbench.train.crossfit import FOLDS_DIR, HELDOUT, assign_folds, fold_params, out_of_fold_predictions
+from workbench.run import FOLDS_DIR
+from workbench.train.crossfit import HELDOUT, assign_folds, fold_params, out_of_fold_predictions
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from workbench.pipeline import NOTEBOOKS, to_notebook
+from workbench.pipeline import to_notebook
+from workbench.run import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workbench.pipeline import NOTEBOOKS, PipelineError, run_pipeline
+from workbench.pipeline import PipelineError, run_pipeline
+from workbench.run import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "params" / "demo.yaml"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench import pipeline
+from workbench import pipeline, run
 from workbench.cli import main
 from workbench.io import write_json_atomic
 
@@ -76,14 +76,14 @@ def test_cli_reports_bad_parameters_with_exit_code_2(capsys: pytest.CaptureFixtu
 
 
 def test_new_run_ids_are_unique_and_sortable() -> None:
-    ids = [pipeline.new_run_id() for _ in range(5)]
+    ids = [run.new_run_id() for _ in range(5)]
     assert len(set(ids)) == 5 and ids == sorted(ids)
 
 
 def test_run_json_records_commit_and_versions() -> None:
-    versions = pipeline.package_versions()
+    versions = run.package_versions()
     assert versions["torch"].startswith("2.1") and "python" in versions
-    assert pipeline.git_commit(ROOT) is None or len(pipeline.git_commit(ROOT) or "") == 40
+    assert run.git_commit(ROOT) is None or len(run.git_commit(ROOT) or "") == 40
 
 
 def test_index_survives_runs_without_metrics(tmp_path: Path) -> None:

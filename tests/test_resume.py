@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_demo_params
 
+from workbench.data.loading import EpochShuffleSampler, ResumableDataLoader
 from workbench.data.prepare import PreparedData, prepare_data
 from workbench.params import Params
 from workbench.train import fit
@@ -117,9 +118,9 @@ def test_epoch_end_checkpoint_resumes_at_next_epoch(store: Path, tmp_path: Path)
 
 
 def test_resumable_loader_skips_delivered_batches_of_the_same_order() -> None:
-    sampler = fit.EpochShuffleSampler(10, seed=3)
+    sampler = EpochShuffleSampler(10, seed=3)
     dataset = list(range(100, 110))
-    loader = fit.ResumableDataLoader(dataset, batch_size=3, sampler=sampler)
+    loader = ResumableDataLoader(dataset, batch_size=3, sampler=sampler)
     sampler.set_epoch(4)
     full = [batch.tolist() for batch in loader]
     assert sorted(i for batch in full for i in batch) == dataset and len(full) == 4
@@ -129,8 +130,8 @@ def test_resumable_loader_skips_delivered_batches_of_the_same_order() -> None:
     state = loader.state_dict()
     assert state == {"batches": 2, "epoch": 4}
 
-    other_sampler = fit.EpochShuffleSampler(10, seed=3)  # a fresh process: epoch 0 until the state says otherwise
-    restored = fit.ResumableDataLoader(dataset, batch_size=3, sampler=other_sampler)
+    other_sampler = EpochShuffleSampler(10, seed=3)  # a fresh process: epoch 0 until the state says otherwise
+    restored = ResumableDataLoader(dataset, batch_size=3, sampler=other_sampler)
     restored.load_state_dict(state)
     assert [batch.tolist() for batch in restored] == full[2:]
     assert [batch.tolist() for batch in restored] == full  # the skip applies to one iteration only
@@ -138,7 +139,7 @@ def test_resumable_loader_skips_delivered_batches_of_the_same_order() -> None:
 
 
 def test_epoch_shuffle_depends_on_seed_and_epoch_only() -> None:
-    a, b = fit.EpochShuffleSampler(50, seed=1), fit.EpochShuffleSampler(50, seed=1)
+    a, b = EpochShuffleSampler(50, seed=1), EpochShuffleSampler(50, seed=1)
     a.set_epoch(2)
     list(b)  # iterating an earlier epoch changes nothing
     b.set_epoch(2)

@@ -1,29 +1,38 @@
 """Run the paired notebooks headless with papermill and keep a browsable index of runs.
 
-A run lives in `<reports>/<experiment>/<run-id>/`: the executed notebooks (`.ipynb` and `.html`),
-`params.yaml`, `run.json` (status, timings, git commit, package versions), `metrics.json` (the
-merged flat metrics of every stage), `figures/`, `diagnostics/`, `model/` and logs.
-`<reports>/index.html` lists every run with its key metrics.
+A run lives in `<reports>/<experiment>/<run-id>/` (its files are named in `workbench.run`): the
+executed notebooks (`.ipynb` and `.html`), the frozen `params.yaml` every notebook reads,
+`run.json` (status, timings, git commit, package versions), `metrics.json` (the merged flat
+metrics of every stage), `figures/`, `diagnostics/`, `model/` and logs. `<reports>/index.html`
+lists every run with its key metrics.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from workbench.io import read_json, write_json_atomic, write_text_atomic
-from workbench.params import dump_params, load_params
+from workbench.params import load_params
+from workbench.run import (
+    NOTEBOOKS,
+    STAGES,
+    RunLayout,
+    git_commit,
+    index_file,
+    new_run_id,
+    notebooks_dir,
+    package_versions,
+    project_root,
+    run_records,
+)
 
-NOTEBOOKS = ["01_data_audit", "02_train", "03_calibrate", "04_label_noise_review"]
 KEY_METRICS = [
     "test.iou",
     "val.iou",
@@ -33,7 +42,6 @@ KEY_METRICS = [
     "review.top_k_recall",
     "wall_seconds",
 ]
-PACKAGES = ["torch", "lightning", "segmentation-models-pytorch", "terratorch", "xarray", "zarr", "papermill"]
 
 
 class PipelineError(RuntimeError):
@@ -45,42 +53,6 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
     status: str
-
-
-def project_root() -> Path:
-    """The repository root (the folder holding notebooks/ and params/)."""
-    return Path(__file__).resolve().parents[1]
-
-
-def notebooks_dir() -> Path:
-    return project_root() / "notebooks"
-
-
-def git_commit(root: Path) -> str | None:
-    """The current commit of the project, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def new_run_id(seed: int | None = None) -> str:
-    """Sortable, unique-enough run id: UTC time plus the seed when several seeds run."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
-    return f"{stamp}-s{seed}" if seed is not None else stamp
 
 
 def to_notebook(py_path: Path) -> Any:
@@ -112,10 +84,11 @@ def execute_notebook(name: str, run_dir: Path, parameters: dict[str, Any], cwd: 
     source = notebooks_dir() / f"{name}.py"
     if not source.is_file():
         raise FileNotFoundError(f"notebook {source} is missing")
-    staged = run_dir / ".inputs" / f"{name}.ipynb"
+    layout = RunLayout(run_dir)
+    staged = layout.staged_notebook(name)
     staged.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(to_notebook(source), staged)
-    output = run_dir / f"{name}.ipynb"
+    output = layout.notebook(name)
     try:
         papermill.execute_notebook(
             str(staged),
@@ -142,8 +115,9 @@ def execute_notebook(name: str, run_dir: Path, parameters: dict[str, Any], cwd: 
 def merge_metrics(run_dir: Path) -> dict[str, Any]:
     """Merge the stage metric files (in stage order) into one flat dict."""
     merged: dict[str, Any] = {}
-    for name in ("audit_data", "train", "calibration", "review"):
-        path = run_dir / "metrics" / f"{name}.json"
+    layout = RunLayout(run_dir)
+    for stage in STAGES:
+        path = layout.stage_metrics(stage)
         if path.is_file():
             merged.update(read_json(path))
     return merged
@@ -162,9 +136,10 @@ def run_pipeline(
     params = load_params(params_file, overrides)
     cwd = Path.cwd()
     reports = Path(reports).resolve()
-    run_dir = reports / params.experiment / (run_id or new_run_id())
+    layout = RunLayout.at(reports, params.experiment, run_id or new_run_id())
+    run_dir = layout.root
     run_dir.mkdir(parents=True, exist_ok=False)
-    dump_params(params, run_dir / "params.yaml")
+    layout.freeze_params(params)
     info: dict[str, Any] = {
         "experiment": params.experiment,
         "run_id": run_dir.name,
@@ -177,7 +152,7 @@ def run_pipeline(
         "command": sys.argv,
         "notebooks": {},
     }
-    write_json_atomic(run_dir / "run.json", info)
+    write_json_atomic(layout.info, info)
     parameters = {"params_file": str(Path(params_file).resolve()), "overrides": overrides, "run_dir": str(run_dir)}
     started = time.perf_counter()
     error: PipelineError | None = None
@@ -193,10 +168,10 @@ def run_pipeline(
             break
     metrics = merge_metrics(run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    write_json_atomic(layout.metrics, metrics)
     info["status"] = "failed" if error else "complete"
     info["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    write_json_atomic(run_dir / "run.json", info)
+    write_json_atomic(layout.info, info)
     write_index(reports)
     if error is not None:
         raise error
@@ -226,7 +201,7 @@ def run_seeds(
 
 def _row(run_json: Path) -> dict[str, Any]:
     info = json.loads(run_json.read_text(encoding="utf-8"))
-    metrics_file = run_json.parent / "metrics.json"
+    metrics_file = RunLayout(run_json.parent).metrics
     metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
     return {"dir": run_json.parent, "info": info, "metrics": metrics}
 
@@ -240,19 +215,18 @@ def _fmt(value: Any) -> str:
 def write_index(reports: Path) -> Path:
     """Rewrite `<reports>/index.html`: one row per run (newest first) with links to its notebooks."""
     reports = Path(reports)
-    rows = sorted(
-        (_row(p) for p in reports.glob("*/*/run.json")), key=lambda r: r["info"].get("started", ""), reverse=True
-    )
+    rows = sorted((_row(p) for p in run_records(reports)), key=lambda r: r["info"].get("started", ""), reverse=True)
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ["date", "experiment", "run", "status", "parameters"])
     head += "".join(f"<th>{html.escape(k)}</th>" for k in KEY_METRICS) + "<th>notebooks</th>"
     body = []
     for row in rows:
         info, rel = row["info"], row["dir"].relative_to(reports)
+        layout = RunLayout(row["dir"])
         status = info.get("status", "?")
         links = " ".join(
-            f'<a href="{html.escape(str(rel / (name + ".html")))}">{name[:2]}</a>'
+            f'<a href="{html.escape(str(layout.notebook_html(name).relative_to(reports)))}">{name[:2]}</a>'
             for name in NOTEBOOKS
-            if (row["dir"] / f"{name}.html").is_file()
+            if layout.notebook_html(name).is_file()
         )
         cells = [
             info.get("started", ""),
@@ -278,4 +252,4 @@ calibration, top-k precision/recall of the label-noise review, wall time in seco
 {"".join(body)}
 </table></body></html>
 """
-    return write_text_atomic(reports / "index.html", page)
+    return write_text_atomic(index_file(reports), page)

@@ -236,9 +236,8 @@ def check_data(params: Params, prepared: PreparedData, n_batches: int = 8, progr
     Batch-level augmentation (copy-paste, slide-mix) is applied as in training when it is configured. The
     check stops at the end of the first epoch when that comes before `n_batches`.
     """
-    import torch
-
-    from workbench.train.fit import build_datamodule
+    from workbench.data.augment import batch_augment_generator
+    from workbench.data.loading import build_datamodule
 
     datamodule = build_datamodule(params, prepared)
     loader = datamodule.train_dataloader()
@@ -247,7 +246,7 @@ def check_data(params: Params, prepared: PreparedData, n_batches: int = 8, progr
     def batches() -> Iterable[Mapping[str, Any]]:
         for step, batch in enumerate(loader):
             if batch_augment is not None:
-                batch = batch_augment(batch, torch.Generator().manual_seed(params.seed * 1_000_003 + step))
+                batch = batch_augment(batch, batch_augment_generator(params.seed, step))
             yield batch
 
     return check_batches(

@@ -9,7 +9,8 @@ float "target" (H, W) that losses can use, optionally softened or ignored near l
 
 Batch-level methods work on collated dicts (image (B, C, H, W), label / valid / target (B, H, W)):
 copy-paste of positive pixels between samples (CryoSentinel) and Sat-SlideMix circular rolls
-(Hopkins et al., 2025), which append rolled copies to the batch.
+(Hopkins et al., 2025), which append rolled copies to the batch. `batch_augment_generator` is the
+one formula seeding them per training step.
 """
 
 from __future__ import annotations
@@ -372,3 +373,12 @@ class BatchAugmenter:
         if self.cfg.slide_mix > 0:
             out = slide_mix(out, self.cfg.slide_mix, self.cfg.slide_mix_copies, generator)
         return out
+
+
+def batch_augment_generator(seed: int, step: int) -> torch.Generator:
+    """The random generator of batch-level augmentation at global training step `step` of a run seeded `seed`.
+
+    Training and the data audit's loader check draw their batch augmentation from it, so the
+    check sees the batches training sees, and a resumed run redraws the same augmentation.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)

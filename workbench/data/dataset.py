@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from workbench.arrays import IGNORE_INDEX
+from workbench.data.augment import batch_augment_generator
 from workbench.data.store import ChipReader, read_store_meta
 
 Sample = dict[str, Any]
@@ -246,5 +247,5 @@ class ChipDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
         if self.batch_augment is not None and self.trainer is not None and self.trainer.training:
             step = self.trainer.global_step
-            batch = self.batch_augment(batch, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+            batch = self.batch_augment(batch, batch_augment_generator(self.seed, step))
         return batch

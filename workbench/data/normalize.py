@@ -25,8 +25,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from workbench.io import read_json, write_json_atomic
+from workbench.run import STATS_FILE
 
-STATS_FILENAME = "normalization_stats.json"
 STATS_FORMAT = "workbench-normalization-stats"
 STATS_VERSION = 1
 Method = Literal["zscore", "percentile", "none"]
@@ -300,7 +300,7 @@ class NormalizationStats:
         """Read statistics written by `save`; errors name the file and the offending key."""
         path = Path(path)
         if path.is_dir():
-            path = path / STATS_FILENAME
+            path = path / STATS_FILE
         data = read_json(path)
         if not isinstance(data, dict):
             raise NormalizationStatsError(f"{path}: expected a JSON object, got {type(data).__name__}")

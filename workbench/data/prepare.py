@@ -14,9 +14,7 @@ import pandas as pd
 from workbench.data.store import read_catalog, read_store_meta
 from workbench.io import write_parquet_atomic
 from workbench.params import DataParams
-
-CATALOG_FILE = "catalog.parquet"
-STATS_FILE = "normalization_stats.json"
+from workbench.run import DATA_AUDIT, RunLayout
 
 
 @dataclass
@@ -76,11 +74,11 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
                 f"split {split!r} is empty for store {store} (counts: {catalog['split'].value_counts().to_dict()}); "
                 "adjust data.split.block_deg / percentages, or add chips"
             )
-    out = Path(run_dir) / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    catalog_path = out / CATALOG_FILE
+    layout = RunLayout(run_dir)
+    layout.data.mkdir(parents=True, exist_ok=True)
+    catalog_path = layout.catalog
     write_parquet_atomic(catalog_path, catalog)
-    stats_path = out / STATS_FILE
+    stats_path = layout.normalization_stats
     if cfg.normalize.stats_file is not None:
         stats = NormalizationStats.load(resolve_path(cfg.normalize.stats_file, root))
         stats.check_compatible(bands, cfg.normalize.method)
@@ -99,10 +97,10 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
 
 def load_prepared(run_dir: Path, cfg: DataParams, root: Path | None = None) -> PreparedData:
     """Read what the data stage wrote (the handover to training, calibration and review)."""
-    out = Path(run_dir) / "data"
-    catalog_path, stats_path = out / CATALOG_FILE, out / STATS_FILE
+    layout = RunLayout(run_dir)
+    catalog_path, stats_path = layout.catalog, layout.normalization_stats
     for path in (catalog_path, stats_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; run the data audit stage (01_data_audit) first")
+            raise FileNotFoundError(f"{path} is missing; run the data audit stage ({DATA_AUDIT.notebook}) first")
     store = resolve_path(cfg.store, root)
     return PreparedData(store, catalog_path, stats_path, pd.read_parquet(catalog_path), selected_bands(store, cfg))

@@ -30,8 +30,8 @@ from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.evaluate.metrics import ThresholdHistogram
 from workbench.functional import as_numpy
 from workbench.io import read_json, write_json_atomic
+from workbench.run import CALIBRATION_FILE
 
-CALIBRATION_FILE = "calibration.json"
 ThresholdRule = Literal["best_iou", "best_f1", "target_precision", "fixed"]
 BinStrategy = Literal["uniform", "quantile"]
 _LOG_T_BOUNDS = (math.log(1e-2), math.log(1e2))

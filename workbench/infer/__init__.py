@@ -15,7 +15,7 @@ windows and chips), and never from `workbench.evaluate` or `workbench.train`.
 """
 
 from workbench.infer.blocks import DEFAULT_MEMORY_LIMIT_MB, PeakMemory, block_size_for_memory, plan_blocks
-from workbench.infer.chips import PREDICTIONS_DIR, load_predictions, write_predictions
+from workbench.infer.chips import load_predictions, write_predictions
 from workbench.infer.raster import PredictionResult, RasterInputError, open_raster, predict_raster
 from workbench.infer.tta import TTA_MODES, predict_with_tta
 from workbench.infer.vectorize import polygons_geojson, probability_to_mask
@@ -30,7 +30,6 @@ from workbench.infer.windows import (
 __all__ = [
     "DEFAULT_MEMORY_LIMIT_MB",
     "DEFAULT_WINDOW",
-    "PREDICTIONS_DIR",
     "TTA_MODES",
     "PeakMemory",
     "PredictionResult",

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from workbench.data.dataset import ChipDataset
 from workbench.infer.tta import predict_with_tta
 from workbench.io import atomic_directory
-
-PREDICTIONS_DIR = "predictions"
+from workbench.run import TRAINING, RunLayout
 
 
 @torch.no_grad()
@@ -67,7 +66,7 @@ def save_predictions(
         coords={"chip_index": ("chip", np.asarray(indices))},
         attrs=dict(attrs or {}),
     )
-    dest = Path(run_dir) / PREDICTIONS_DIR / f"{name}.zarr"
+    dest = RunLayout(run_dir).predictions(name)
     with atomic_directory(dest, overwrite=True) as tmp:
         encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}
         ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
@@ -90,7 +89,7 @@ def write_predictions(
 
 def load_predictions(run_dir: Path, split: str) -> xr.Dataset:
     """Logits of one split written by `write_predictions`."""
-    path = Path(run_dir) / PREDICTIONS_DIR / f"{split}.zarr"
+    path = RunLayout(run_dir).predictions(split)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run the training stage (02_train) first")
+        raise FileNotFoundError(f"{path} is missing; run the training stage ({TRAINING.notebook}) first")
     return xr.open_zarr(path, consolidated=False)

@@ -1,10 +1,11 @@
 """The saved-model directory ("model dir") shared by training, evaluation and inference.
 
-Layout::
+Layout (file names from `workbench.run`, since a run's `model/` is a bundle)::
 
     model_dir/model.pt                  {"format": 1, "state_dict", "model_params", "bands", "modalities"}
     model_dir/normalization_stats.json  the train-split statistics, applied identically at inference
     model_dir/calibration.json          optional: {"temperature": T, "threshold": t, ...}
+    model_dir/run_info.json             written by training: parameters, git commit, package versions
 
 Keeping weights, band order, normalisation and calibration together means inference cannot
 silently feed a model bands in another order or with other statistics than it was trained on.
@@ -25,11 +26,9 @@ from torch import nn
 from workbench.data.normalize import NormalizationStats
 from workbench.io import read_json, write_bytes_atomic, write_json_atomic
 from workbench.params import ModelParams
+from workbench.run import CALIBRATION_FILE, MODEL_FILE, STATS_FILE
 
 BUNDLE_FORMAT = 1
-MODEL_FILE = "model.pt"
-STATS_FILE = "normalization_stats.json"
-CALIBRATION_FILE = "calibration.json"
 _REQUIRED_KEYS = ("format", "state_dict", "model_params", "bands", "modalities")
 
 BuildModel = Callable[[ModelParams, int], nn.Module]

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from workbench.params import Params
-from workbench.stages.base import DIAGNOSTICS, FIGURES, StageResult, save_stage_figure, write_stage_metrics
+from workbench.run import DATA_AUDIT, RunLayout
+from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 
 if TYPE_CHECKING:
     from workbench.data.prepare import PreparedData
@@ -24,6 +25,7 @@ def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progre
     from workbench.figures import class_balance_bar, split_map_static
 
     run_dir = Path(run_dir)
+    RunLayout(run_dir).check_params(params)
     prepared = prepare_data(params.data, run_dir, seed=params.seed)
     catalog = prepared.catalog
     result = StageResult()
@@ -55,7 +57,7 @@ def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progre
     if "noisy" in catalog:
         metrics["data.noisy_chips"] = int(catalog["noisy"].sum())
     metrics.update(audit_store(params, prepared, run_dir, result, check_batches=check_batches, progress=progress))
-    write_stage_metrics(run_dir, "audit_data", metrics)
+    write_stage_metrics(run_dir, DATA_AUDIT, metrics)
     result.metrics = metrics
     return result
 
@@ -104,7 +106,7 @@ def audit_store(
         progress=progress,
     )
     chips = scan.chips
-    write_parquet_atomic(Path(run_dir) / DIAGNOSTICS / "data_audit_chips.parquet", chips)
+    write_parquet_atomic(RunLayout(run_dir).data_audit_chips, chips)
     nodata = nodata_by_group(chips)
     positive = positive_by_group(chips, threshold=cfg.sampler.positive_threshold)
     result.tables.update(band_stats=scan.band_stats, nodata=nodata, positive_by_split_region=positive)
@@ -124,7 +126,7 @@ def audit_store(
         scatter = agreement_scatter(chips, water_threshold=params.review.water_index_threshold)
         save_stage_figure(scatter, run_dir, "agreement_scatter", result)
     try:
-        save_map_html(split_map(prepared.catalog, backend="folium"), Path(run_dir) / FIGURES / "split_map.html")
+        save_map_html(split_map(prepared.catalog, backend="folium"), RunLayout(run_dir).figure("split_map", ".html"))
     except ImportError as exc:
         notes.append(f"interactive split map not written: {exc}")
     report = check_data(params, prepared, n_batches=check_batches, progress=progress)

@@ -1,4 +1,4 @@
-"""What every stage shares: its result object and where it writes metrics and figures."""
+"""What every stage shares: its result object and where it writes metrics and figures (see `workbench.run`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.io import write_json_atomic
-
-FIGURES = "figures"
-METRICS = "metrics"
-DIAGNOSTICS = "diagnostics"
+from workbench.run import RunLayout, Stage
 
 
 @dataclass
@@ -28,11 +25,11 @@ def save_stage_figure(fig: Any, run_dir: Path, name: str, result: StageResult) -
     """Save a figure under `<run_dir>/figures/` and record it in the stage result."""
     from workbench.figures import save_figure
 
-    path = Path(run_dir) / FIGURES / f"{name}.png"
+    path = RunLayout(run_dir).figure(name)
     save_figure(fig, path)
     result.figures[name] = path
 
 
-def write_stage_metrics(run_dir: Path, stage: str, metrics: dict[str, Any]) -> Path:
+def write_stage_metrics(run_dir: Path, stage: Stage, metrics: dict[str, Any]) -> Path:
     """Write one stage's flat metrics; the pipeline merges all of them into metrics.json."""
-    return write_json_atomic(Path(run_dir) / METRICS / f"{stage}.json", metrics)
+    return write_json_atomic(RunLayout(run_dir).stage_metrics(stage), metrics)

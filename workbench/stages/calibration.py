@@ -17,7 +17,8 @@ import pandas as pd
 
 from workbench.io import write_json_atomic, write_parquet_atomic
 from workbench.params import Params
-from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
+from workbench.run import CALIBRATION, RunLayout
+from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 
 WORST_CHIPS = 10
 
@@ -99,7 +100,7 @@ def _tta(params: Params, run_dir: Path, prepared: Any, temperature: float, thres
 
     split = "val" if (prepared.catalog["split"] == "val").any() else params.calibrate.split
     positions = np.flatnonzero(prepared.catalog["split"].to_numpy() == split)
-    bundle = load_bundle(Path(run_dir) / "model")
+    bundle = load_bundle(RunLayout(run_dir).model)
     dataset = ChipDataset(prepared.store, positions, bands=bundle.bands, normalizer=bundle.normalization)
     table = tta_comparison(
         bundle.model,
@@ -134,10 +135,12 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
     from workbench.figures import plot_pr_curves_with_baseline, plot_reliability_grid
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    layout.check_params(params)
     cfg, bins = params.calibrate, params.evaluate.histogram_bins
     prepared = load_prepared(run_dir, params.data)
     result = StageResult()
-    diagnostics = run_dir / DIAGNOSTICS
+    diagnostics = layout.diagnostics
 
     # calibration split: one pass -> temperature, thresholds, calibration scores
     cal = _scan_split(params, run_dir, prepared, cfg.split, max_sample=max_sample)
@@ -156,7 +159,7 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
         brier_after=cal_quality["brier_after"],
         extra={"split": cfg.split, "ece_bins": cfg.ece_bins, "choice": chosen["choice"], **cal_quality},
     )
-    calibration.save(run_dir / "model" / "calibration.json")
+    calibration.save(layout.calibration)
 
     # test split: one pass at the chosen temperature and thresholds
     test = _scan_split(params, run_dir, prepared, "test", calibration, max_sample)
@@ -224,7 +227,7 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
             metrics[f"val.tta_seconds_{row['mode']}"] = float(row["seconds"])
         tables["tta"] = tta
 
-    write_stage_metrics(run_dir, "calibration", metrics)
+    write_stage_metrics(run_dir, CALIBRATION, metrics)
     result.metrics = metrics
     result.tables.update(
         thresholds=threshold_table,

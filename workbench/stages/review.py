@@ -9,20 +9,21 @@ import numpy as np
 
 from workbench.io import read_json
 from workbench.params import Params
-from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
+from workbench.run import REVIEW, TRAINING, RunLayout
+from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 
 
 def review_predictions(params: Params, run_dir: Path, split: str) -> str:
     """Name of the predictions that score `split`: out-of-fold ones for train when `review.out_of_fold` is on."""
-    from workbench.infer.chips import PREDICTIONS_DIR
     from workbench.train.crossfit import oof_name
 
     if not (params.review.out_of_fold and split == "train"):
         return split
-    if not (Path(run_dir) / PREDICTIONS_DIR / f"{oof_name(split)}.zarr").exists():
+    predictions = RunLayout(run_dir).predictions(oof_name(split))
+    if not predictions.exists():
         raise FileNotFoundError(
-            f"review.out_of_fold is on but {run_dir}/{PREDICTIONS_DIR}/{oof_name(split)}.zarr is missing; "
-            "run the training stage (02_train) with the same parameters first"
+            f"review.out_of_fold is on but {predictions} is missing; "
+            f"run the training stage ({TRAINING.notebook}) with the same parameters first"
         )
     return oof_name(split)
 
@@ -40,9 +41,11 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     from workbench.review import ReviewChip, resolve_top_k, review_table, top_k_scores
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    layout.check_params(params)
     cfg = params.review
     prepared = load_prepared(run_dir, params.data)
-    calibration_file = run_dir / "model" / "calibration.json"
+    calibration_file = layout.calibration
     calibration = read_json(calibration_file) if calibration_file.is_file() else {}
     temperature = float(calibration.get("temperature", 1.0))
     threshold = float(calibration.get("threshold", params.evaluate.threshold))
@@ -67,7 +70,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     table = review_table(
         chips(), cfg, threshold=threshold, green=params.data.green_band, swir=params.data.swir_band, progress=False
     )
-    write_parquet_atomic(run_dir / DIAGNOSTICS / "review.parquet", table)
+    write_parquet_atomic(layout.diagnostic("review.parquet"), table)
     result = StageResult(tables={"ranking": table.head(25), "prefilter": prefilter_table(table)})
     metrics: dict[str, Any] = {"review.n_chips": len(table), "review.out_of_fold": "train_oof" in sources.values()}
     if "noisy" in table:
@@ -100,6 +103,6 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
         )
         name = Path(four_panel_filename(int(row["year"]), float(row["lat"]), float(row["lon"]))).stem
         save_stage_figure(fig, run_dir, f"review/{int(row['rank']):02d}_{name}", result)
-    write_stage_metrics(run_dir, "review", metrics)
+    write_stage_metrics(run_dir, REVIEW, metrics)
     result.metrics = metrics
     return result

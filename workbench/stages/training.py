@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from workbench.params import Params
-from workbench.stages.base import DIAGNOSTICS, StageResult, save_stage_figure, write_stage_metrics
+from workbench.run import TRAINING, RunLayout
+from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 
 
 def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, temperature: float = 1.0) -> Any:
@@ -31,7 +32,7 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
         swir=params.data.swir_band,
         water_threshold=params.review.water_index_threshold,
     )
-    write_parquet_atomic(Path(run_dir) / DIAGNOSTICS / f"per_chip_{split}.parquet", table)
+    write_parquet_atomic(RunLayout(run_dir).per_chip(split), table)
     return table, pooled_metrics(table)
 
 
@@ -59,6 +60,7 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     from workbench.train.log import divergence_warnings
 
     run_dir = Path(run_dir)
+    RunLayout(run_dir).check_params(params)
     prepared = load_prepared(run_dir, params.data)
     result = StageResult()
     result.tables["split_summary"] = split_summary(prepared.catalog, params.data.sampler.positive_threshold)
@@ -84,7 +86,7 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
         table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
         result.tables[f"per_chip_{split}"] = table
         metrics.update({f"{split}.{key}": value for key, value in pooled.items()})
-    curves = run_dir / "logs" / "metrics.csv"
+    curves = RunLayout(run_dir).training_log
     warnings = [("learning rate", text) for text in lr_warnings]
     if curves.is_file():
         save_stage_figure(training_curves(curves), run_dir, "training_curves", result)
@@ -95,7 +97,7 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     result.tables["warnings"] = pd.DataFrame(warnings, columns=["kind", "warning"])
     metrics["train.n_warnings"] = len(warnings)
     save_training_tables(run_dir, result)
-    write_stage_metrics(run_dir, "train", metrics)
+    write_stage_metrics(run_dir, TRAINING, metrics)
     result.metrics = metrics
     return result
 
@@ -136,4 +138,4 @@ def save_training_tables(run_dir: Path, result: StageResult) -> None:
     from workbench.io import write_text_atomic
 
     for name in ("split_summary", "sampler_composition", "model_parts", "param_groups", "warnings"):
-        write_text_atomic(Path(run_dir) / DIAGNOSTICS / f"train_{name}.csv", result.tables[name].to_csv(index=False))
+        write_text_atomic(RunLayout(run_dir).diagnostic(f"train_{name}.csv"), result.tables[name].to_csv(index=False))

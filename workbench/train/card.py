@@ -42,8 +42,8 @@ def sampler_composition(params: Params, catalog: pd.DataFrame) -> pd.DataFrame:
     Rows are the epochs where the composition can change (curriculum stage starts; else epoch 0),
     computed by drawing that epoch from the real sampler over the train split.
     """
+    from workbench.data.loading import EpochShuffleSampler
     from workbench.data.sampling import CurriculumSampler, build_sampler, positive_chips
-    from workbench.train.fit import EpochShuffleSampler
 
     train = catalog[catalog["split"] == "train"]
     fraction = train["positive_fraction"].to_numpy()

@@ -26,8 +26,8 @@ import numpy as np
 
 from workbench.data.prepare import PreparedData
 from workbench.params import Params
+from workbench.run import RunLayout
 
-FOLDS_DIR = "folds"
 HELDOUT = "heldout"
 
 
@@ -99,8 +99,9 @@ def out_of_fold_predictions(
     indices, logits = [], []
     for fold in range(params.data.split.n_folds):
         heldout = positions[folds == fold]
-        fold_dir = run_dir / FOLDS_DIR / f"fold-{fold}"
-        saved = fold_dir / "predictions" / f"{HELDOUT}.zarr"
+        fold_layout = RunLayout(run_dir).fold(fold)
+        fold_dir = fold_layout.root
+        saved = fold_layout.predictions(HELDOUT)
         if not saved.exists():
             trained = fit(settings, fold_data(prepared, heldout), fold_dir)
             dataset = ChipDataset(
@@ -109,8 +110,8 @@ def out_of_fold_predictions(
             model = trained.task.model.eval()
             fold_indices, fold_logits = collect_logits(model, dataset, params.data.batch_size, params.evaluate.tta)
             save_predictions(fold_dir, HELDOUT, fold_indices, fold_logits, {"split": split, "fold": fold})
-            for bulky in ("checkpoints", "model"):
-                shutil.rmtree(fold_dir / bulky, ignore_errors=True)
+            for bulky in (fold_layout.checkpoints, fold_layout.model):
+                shutil.rmtree(bulky, ignore_errors=True)
         stored = load_predictions(fold_dir, HELDOUT)
         if sorted(int(i) for i in stored["chip_index"].values) != sorted(int(i) for i in heldout):
             raise RuntimeError(f"{saved} holds other chips than fold {fold}; delete {fold_dir} and run again")

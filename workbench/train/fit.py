@@ -8,19 +8,18 @@ loss was not finite) and `metrics/train.json`.
 Resuming from `checkpoints/last.ckpt` is exact: a run stopped mid-epoch and resumed ends with
 the same weights as an uninterrupted run (with `train.deterministic`). Lightning restores the
 weights, optimiser, schedulers, loop counters and callback states (EMA, early stopping); on top
-of that the training loader remembers how many batches of the epoch it has delivered
-(`ResumableDataLoader`), every epoch's chip order is a function of (seed, epoch) (the samplers
-and `EpochShuffleSampler`), augmentation is seeded per (seed, epoch, chip) and per global step,
-and `RngStateCallback` restores the global random generators.
+of that the training loader built by `workbench.data.loading.build_datamodule` remembers how many
+batches of the epoch it has delivered (`ResumableDataLoader`), every epoch's chip order is a
+function of (seed, epoch) (the samplers and `EpochShuffleSampler`), augmentation is seeded per
+(seed, epoch, chip) and per global step, and `RngStateCallback` restores the global random
+generators. The paths of the run directory come from `workbench.run.RunLayout`.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from workbench.data.dataset import ChipDataModule, Sample
+from workbench.data.loading import build_datamodule, data_pos_weight
 from workbench.data.prepare import PreparedData
-from workbench.data.sampling import EpochSampler
 from workbench.io import write_json_atomic
 from workbench.params import Params
+from workbench.run import LOGS_DIR, RUN_INFO_FILE, TRAINING, RunLayout, git_commit, package_versions, project_root
 
 DDP_STRATEGIES = {"ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"}
 
@@ -64,177 +62,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-# --------------------------------------------------------------------------- resumable data loading
-
-
-class EpochShuffleSampler(EpochSampler):
-    """Every chip once per epoch in an order drawn from (seed, epoch): plain shuffling that resumes exactly.
-
-    A DataLoader with `shuffle=True` draws each epoch's order from a generator whose state depends on
-    how many epochs the loader has run, which a restarted process cannot know.
-    """
-
-    def __init__(self, n_chips: int, seed: int = 0) -> None:
-        super().__init__(seed)
-        if n_chips < 1:
-            raise ValueError("no chips to sample from (empty train split)")
-        self.n_chips = int(n_chips)
-
-    def __len__(self) -> int:
-        return self.n_chips
-
-    def _epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.permutation(self.n_chips)
-
-
-class _ResumeIndices:
-    """The loader's batches of indices, less the first `loader._skip` ones (read when iteration starts)."""
-
-    def __init__(self, base: Any, loader: ResumableDataLoader) -> None:
-        self.base = base
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.base), self.loader._skip, None)
-
-
-class ResumableDataLoader(DataLoader[Sample]):
-    """A DataLoader whose position within the epoch goes into Lightning checkpoints.
-
-    Lightning saves `state_dict()` of stateful training loaders with each checkpoint and hands it
-    back through `load_state_dict()` on resume, before the first iteration. The state is the number
-    of batches delivered in the current epoch and the sampler's epoch; the resumed iteration then
-    skips that many batches of the same (seed, epoch) order without loading them. A checkpoint
-    taken after the last batch of an epoch resumes at the start of the next one.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._delivered = 0
-        self._pending_skip = 0
-        self._skip = 0
-
-    @classmethod
-    def like(cls, loader: DataLoader[Sample]) -> ResumableDataLoader:
-        """A resumable loader with the dataset, sampler and settings of `loader`."""
-        return cls(
-            loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=loader.sampler,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            generator=loader.generator,
-            persistent_workers=loader.persistent_workers,
-            prefetch_factor=loader.prefetch_factor,
-        )
-
-    @property
-    def _index_sampler(self) -> Any:
-        return _ResumeIndices(DataLoader._index_sampler.fget(self), self)  # type: ignore[attr-defined]
-
-    def __iter__(self) -> Any:
-        self._skip, self._pending_skip = self._pending_skip, 0
-        self._delivered = self._skip
-        iterator = super().__iter__()  # the index iterators are created here and read `_skip`
-        self._skip = 0
-        return self._count(iterator)
-
-    def _count(self, iterator: Any) -> Iterator[Any]:
-        for batch in iterator:
-            self._delivered += 1
-            yield batch
-
-    def _sampler_epoch(self) -> int | None:
-        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
-            if sampler is not None and hasattr(sampler, "epoch"):
-                return int(sampler.epoch)
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        """Batches delivered in the current epoch (0 once the epoch is complete) and the sampler's epoch."""
-        if self._delivered >= len(self):
-            return {"batches": 0, "epoch": None}
-        return {"batches": int(self._delivered), "epoch": self._sampler_epoch()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next iteration continue the saved epoch after its delivered batches."""
-        if "batches" not in state_dict:
-            raise ValueError(f"loader state {state_dict!r} lacks 'batches'; expected ResumableDataLoader.state_dict()")
-        self._pending_skip = int(state_dict["batches"])
-        epoch = state_dict.get("epoch")
-        if epoch is not None:
-            for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
-                set_epoch = getattr(sampler, "set_epoch", None)
-                if callable(set_epoch):
-                    set_epoch(int(epoch))
-            if hasattr(self.dataset, "epoch"):
-                self.dataset.epoch = int(epoch)
-
-
-class ResumableChipDataModule(ChipDataModule):
-    """ChipDataModule whose training loader is a `ResumableDataLoader`.
-
-    Under DDP, Lightning wraps the epoch sampler in a `DistributedSamplerWrapper`, which shards the
-    epoch's draw across processes and forwards `set_epoch` to it.
-    """
-
-    def train_dataloader(self) -> DataLoader[Sample]:
-        return ResumableDataLoader.like(super().train_dataloader())
-
-
-def data_pos_weight(params: Params, prepared: PreparedData) -> float | None:
-    """Raw negative:positive pixel ratio of the train split, for loss terms with pos_weight='data'.
-
-    Each term applies its own weighting (linear / sqrt / log) and cap to this ratio.
-    """
-    if not any(term.pos_weight == "data" or term.class_weighting != "none" for term in params.train.loss):
-        return None
-    train = prepared.catalog[prepared.catalog["split"] == "train"]
-    valid = train["valid_fraction"].to_numpy() if "valid_fraction" in train else np.ones(len(train))
-    n_pos = float((train["positive_fraction"].to_numpy() * valid).sum())
-    n_valid = float(valid.sum())
-    return (n_valid - n_pos) / n_pos if n_pos > 0 else float("inf")
-
-
-def build_datamodule(params: Params, prepared: PreparedData) -> ResumableChipDataModule:
-    """The Lightning data module of a prepared run (sampler, augmentation and normalisation wired in)."""
-    from workbench.data.augment import Augmenter, BatchAugmenter
-    from workbench.data.normalize import NormalizationStats
-    from workbench.data.sampling import build_sampler
-    from workbench.data.store import read_store_meta
-
-    stats = NormalizationStats.load(prepared.stats_path)
-    stats.check_compatible(prepared.bands, params.data.normalize.method)
-    meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
-    modalities = [meta[name]["modality"] for name in prepared.bands]
-    optical = [bool(meta[name]["optical"]) for name in prepared.bands]
-    cfg = params.data
-
-    def sampler_factory(positive_fraction: np.ndarray) -> Any:
-        sampler = build_sampler(cfg.sampler, positive_fraction, seed=params.seed)
-        return sampler if sampler is not None else EpochShuffleSampler(len(positive_fraction), seed=params.seed)
-
-    return ResumableChipDataModule(
-        prepared.store,
-        prepared.catalog,
-        bands=prepared.bands,
-        normalizer=stats,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        sampler_factory=sampler_factory,
-        augment=Augmenter(cfg.augment, modalities, optical),
-        batch_augment=BatchAugmenter(cfg.augment),
-        seed=params.seed,
-    )
-
-
 def checkpoint_monitor(params: Params) -> tuple[str, str]:
     """Metric and mode that choose the best checkpoint: the early-stopping metric when it is on, else val/iou."""
     stopping = params.train.early_stopping
@@ -254,7 +81,7 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
 
     cfg = params.train
     monitor, mode = checkpoint_monitor(params)
-    directory = run_dir / "checkpoints"
+    directory = RunLayout(run_dir).checkpoints
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=directory, filename="best-{epoch:03d}", monitor=monitor, mode=mode, save_top_k=1),
         LastCheckpoint(directory, every_n_train_steps=cfg.checkpoint_every_n_steps),
@@ -275,7 +102,7 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
     if cfg.swa.soup_snapshots:
         from workbench.train.ema import build_snapshot_callback
 
-        callbacks.append(build_snapshot_callback(cfg.swa, cfg.max_epochs, run_dir / "snapshots"))
+        callbacks.append(build_snapshot_callback(cfg.swa, cfg.max_epochs, RunLayout(run_dir).snapshots))
     if cfg.early_stopping.enabled:
         callbacks.append(GatedEarlyStopping(cfg.early_stopping))
     if cfg.ema.enabled or cfg.swa.soup_snapshots:
@@ -302,7 +129,7 @@ def build_loggers(params: Params, run_dir: Path) -> list[Any]:
     """CSV logs always; MLflow when `train.tracking.uri` is set (a server URI or a local folder)."""
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name=LOGS_DIR, version="")]  # logs/metrics.csv
     tracking = params.train.tracking
     if tracking.uri:
         from lightning.pytorch.loggers import MLFlowLogger
@@ -469,7 +296,7 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
         modalities=[meta[name]["modality"] for name in prepared.bands],
         data_pos_weight=data_pos_weight(params, prepared),
         steps_per_epoch=steps_per_epoch,
-        failure_dir=str(run_dir / "failures"),
+        failure_dir=str(RunLayout(run_dir).failures),
         prevalences=list(params.evaluate.prevalences),
         positive_threshold=params.data.sampler.positive_threshold,
         normalization=normalization_record(prepared.stats_path),
@@ -483,20 +310,21 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
 def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: bool = True) -> TrainResult:
     """Fit a model and save its bundle; resumes exactly from `checkpoints/last.ckpt` when present."""
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     seed_everything(params.seed, params.train.deterministic)
     datamodule = build_datamodule(params, prepared)
     task = build_task(params, prepared, datamodule, run_dir)
     callbacks = build_callbacks(params, run_dir, task)
     lengths = sampler_epoch_lengths(params, prepared)
     trainer = build_trainer(params, run_dir, callbacks, build_loggers(params, run_dir), lengths)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = layout.last_checkpoint
     resumed = resume and last.is_file()
     if resumed:
         check_checkpoint_matches(last, prepared.bands, normalization_record(prepared.stats_path))
     started = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
     seconds = time.perf_counter() - started
-    model_dir = run_dir / "model"
+    model_dir = layout.model
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
         save_trained_model(params, prepared, task, run_dir)
         write_run_info(params, model_dir, resumed_from=str(last) if resumed else None)
@@ -510,7 +338,7 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
         if key.startswith(("val/", "train/")):
             metrics[f"train.last_{key.replace('/', '_')}"] = float(value)
     if trainer.is_global_zero:
-        write_json_atomic(run_dir / "metrics" / "train.json", metrics)
+        write_json_atomic(layout.stage_metrics(TRAINING), metrics)
     best = getattr(callbacks[0], "best_model_path", "") or None
     return TrainResult(model_dir, Path(best) if best else None, metrics, task, datamodule)
 
@@ -518,8 +346,6 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
 def write_run_info(params: Params, model_dir: Path, resumed_from: str | None = None) -> Path:
     """`<model_dir>/run_info.json`: the parameters, git commit and package versions the bundle came from."""
     from datetime import UTC, datetime
-
-    from workbench.pipeline import git_commit, package_versions, project_root
 
     info = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -530,7 +356,7 @@ def write_run_info(params: Params, model_dir: Path, resumed_from: str | None = N
         "resumed_from": resumed_from,
         "params": params.model_dump(mode="json"),
     }
-    return write_json_atomic(Path(model_dir) / "run_info.json", info)
+    return write_json_atomic(Path(model_dir) / RUN_INFO_FILE, info)
 
 
 def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_dir: Path) -> Path:
@@ -540,7 +366,7 @@ def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_di
 
     model = getattr(task.model, "_orig_mod", task.model)
     meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
-    model_dir = run_dir / "model"
+    model_dir = RunLayout(run_dir).model
     save_bundle(
         model_dir,
         model,
