@@ -17,10 +17,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def load_fakes() -> ModuleType:
-    """tests/data/fakes.py (generators of small files in the real layouts), imported once."""
+    """tests/fakes.py (generators of small files in the real layouts), imported once."""
     if "eo_fakes" in sys.modules:
         return sys.modules["eo_fakes"]
-    spec = importlib.util.spec_from_file_location("eo_fakes", Path(__file__).parent / "data" / "fakes.py")
+    spec = importlib.util.spec_from_file_location("eo_fakes", Path(__file__).parent / "fakes.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["eo_fakes"] = module

@@ -19,7 +19,7 @@ from sklearn.metrics import jaccard_score
 from workbench.evaluate.calibration import ece, fit_temperature
 from workbench.params import Params, load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GRID = [round(0.1 + 0.05 * i, 2) for i in range(17)]
 
 

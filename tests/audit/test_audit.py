@@ -513,7 +513,7 @@ def test_headless_modules_import_no_widget_or_map_library() -> None:
         "import workbench.audit.explorer\n"
         "assert 'ipywidgets' in sys.modules\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

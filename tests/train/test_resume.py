@@ -18,7 +18,7 @@ from workbench.params import Params
 from workbench.train import fit
 from workbench.train.callbacks import RngStateCallback, capture_rng_state, restore_rng_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 6  # 22 train chips in batches of 4
 
 

@@ -13,7 +13,7 @@ from workbench import pipeline, run
 from workbench.cli import main
 from workbench.io import write_json_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_run(reports: Path, experiment: str, run_id: str, status: str, metrics: dict[str, float]) -> Path:
@@ -96,7 +96,7 @@ def test_index_survives_runs_without_metrics(tmp_path: Path) -> None:
 def test_cli_ingest_writes_a_store_and_reports_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fakes", ROOT / "tests" / "data" / "fakes.py")
+    spec = importlib.util.spec_from_file_location("fakes", ROOT / "tests" / "fakes.py")
     assert spec is not None and spec.loader is not None
     fakes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fakes)

@@ -14,7 +14,7 @@ from workbench.params import load_params
 from workbench.train.losses import build_loss
 from workbench.train.optim import build_param_groups, build_scheduler
 
-PARAMS = Path(__file__).resolve().parents[1] / "params"
+PARAMS = Path(__file__).resolve().parents[2] / "params"
 S2 = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
 RECIPES = {
     # file: (band names, modality per band)

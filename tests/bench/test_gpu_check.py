@@ -13,7 +13,7 @@ import torch
 
 from workbench.bench import gpu
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_script_exits_clearly_without_cuda(tmp_path: Path) -> None:

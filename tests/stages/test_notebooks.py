@@ -12,7 +12,7 @@ import pytest
 from workbench.pipeline import to_notebook
 from workbench.run import NOTEBOOKS
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def test_pairing_config_pairs_ipynb_with_percent_scripts() -> None:

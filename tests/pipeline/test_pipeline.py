@@ -13,7 +13,7 @@ from PIL import Image
 from workbench.pipeline import PipelineError, run_pipeline
 from workbench.run import NOTEBOOKS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "params" / "demo.yaml"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from workbench.params import Params, ParamsError, apply_overrides, load_params
 
-PARAMS_DIR = Path(__file__).resolve().parents[1] / "params"
+PARAMS_DIR = Path(__file__).resolve().parents[2] / "params"
 
 
 @pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.name)

@@ -17,7 +17,7 @@ from workbench.params import Params, load_params
 from workbench.train import fit
 from workbench.train.task import PixelCounts, SegmentationTask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class DumpPerRank(L.Callback):

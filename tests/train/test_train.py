@@ -26,7 +26,7 @@ from workbench.train.card import sampler_composition, split_summary
 from workbench.train.log import divergence_warnings, epoch_table
 from workbench.train.task import PR_BINS, NonFiniteLossError, SegmentationTask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

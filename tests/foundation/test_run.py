@@ -13,7 +13,7 @@ from workbench.notebook import open_run
 from workbench.params import ParamsError, load_params
 from workbench.run import NOTEBOOKS, STAGES, RunLayout, new_run_id
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_layout_names_the_files_of_a_run(tmp_path: Path) -> None:
