@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workbench.io import write_text_atomic
+
 
 class StrictModel(BaseModel):
     """Base for every parameter section: unknown keys are errors, assignments are validated."""
@@ -413,7 +415,6 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_params(params: Params, path: str | Path) -> None:
     """Write parameters as YAML (atomically) so a run can be reproduced from its directory."""
-    from workbench.io import write_text_atomic
 
     data = params.model_dump(mode="json")
     write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False))

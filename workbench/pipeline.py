@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from workbench.evaluate.summary import seed_summary
 from workbench.io import read_json, write_json_atomic, write_text_atomic
 from workbench.params import load_params
 from workbench.run import (
@@ -186,7 +187,6 @@ def run_seeds(
     progress: bool = True,
 ) -> tuple[list[RunResult], Path]:
     """Run the pipeline once per seed and write a mean ± std table of the key metrics."""
-    from workbench.evaluate.summary import seed_summary
 
     results = [
         run_pipeline(params_file, [*(overrides or []), f"seed={seed}"], reports, new_run_id(seed), progress=progress)

@@ -18,9 +18,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
+from workbench.data.augment import Augmenter, BatchAugmenter
 from workbench.data.dataset import ChipDataModule, Sample
+from workbench.data.normalize import NormalizationStats
 from workbench.data.prepare import PreparedData
-from workbench.data.sampling import EpochSampler
+from workbench.data.sampling import EpochSampler, build_sampler
+from workbench.data.store import read_store_meta
 from workbench.params import Params
 
 
@@ -162,10 +165,6 @@ def data_pos_weight(params: Params, prepared: PreparedData) -> float | None:
 
 def build_datamodule(params: Params, prepared: PreparedData) -> ResumableChipDataModule:
     """The Lightning data module of a prepared run (sampler, augmentation and normalisation wired in)."""
-    from workbench.data.augment import Augmenter, BatchAugmenter
-    from workbench.data.normalize import NormalizationStats
-    from workbench.data.sampling import build_sampler
-    from workbench.data.store import read_store_meta
 
     stats = NormalizationStats.load(prepared.stats_path)
     stats.check_compatible(prepared.bands, params.data.normalize.method)

@@ -35,7 +35,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from workbench.arrays import IGNORE_INDEX
-from workbench.io import atomic_directory, write_json_atomic
+from workbench.io import atomic_directory, write_json_atomic, write_parquet_atomic
 
 STORE_VERSION = 2  # 1: one chunk file per chip; 2: per-chip chunks inside shards (both are read)
 SHARD_TARGET_BYTES = 64 * 2**20  # image bytes per shard; bounds the writer's buffer too
@@ -313,7 +313,6 @@ def open_store(path: str | Path, catalog: pd.DataFrame | None = None, dask: bool
 
 def write_catalog(path: str | Path, catalog: pd.DataFrame) -> None:
     """Replace a store's catalog atomically (for example after assigning splits); rows must keep their order."""
-    from workbench.io import write_parquet_atomic
 
     path = Path(path)
     current = read_catalog(path)

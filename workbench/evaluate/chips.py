@@ -18,6 +18,7 @@ import xarray as xr
 from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.data.dataset import ChipDataset
 from workbench.functional import confusion_counts, iou_score, metrics_from_counts
+from workbench.indices import mndwi
 
 IDENTITY_COLUMNS = ("chip_id", "region", "year", "lat", "lon", "split")
 
@@ -85,7 +86,6 @@ def per_chip_table(
 
     A pixel is predicted positive when its probability is `>= threshold`, as in calibration and review.
     """
-    from workbench.indices import mndwi
 
     rows = []
     for index, image, label, valid, logit in iter_split_chips(store, predictions, bands):

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from workbench.arrays import IGNORE_INDEX
+from workbench.data.store import ChipReader
 from workbench.evaluate.calibration import (
     Calibration,
     apply_temperature,
@@ -47,6 +48,7 @@ from workbench.evaluate.chips import chip_counts, chip_identity
 from workbench.evaluate.metrics import PrevalenceEvaluator, ThresholdHistogram, per_chip_histograms
 from workbench.evaluate.objects import DEFAULT_IOU_THRESHOLDS, ObjectMatcher
 from workbench.functional import metrics_from_counts, segmentation_summary
+from workbench.infer.tta import TTA_MODES, predict_with_tta
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -70,7 +72,6 @@ def iter_label_logits(store: Path, predictions: xr.Dataset, batch: int = 32) -> 
 
     Logits are read `batch` chips at a time (one zarr read per batch instead of one per chip).
     """
-    from workbench.data.store import ChipReader
 
     labels, valids = ChipReader(store, "label"), ChipReader(store, "valid")
     indices = np.asarray(predictions["chip_index"].values, dtype=np.int64)
@@ -418,7 +419,6 @@ def tta_comparison(
     with the bundle's normalisation. Logits are averaged over the mode's transforms, divided by
     `temperature` and thresholded (``>=``). ``seconds_per_chip`` includes data loading.
     """
-    from workbench.infer.tta import TTA_MODES, predict_with_tta
 
     unknown = [mode for mode in modes if mode not in TTA_MODES]
     if unknown:

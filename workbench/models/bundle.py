@@ -25,6 +25,7 @@ from torch import nn
 
 from workbench.data.normalize import NormalizationStats
 from workbench.io import read_json, write_bytes_atomic, write_json_atomic
+from workbench.models.factory import build_model
 from workbench.params import ModelParams
 from workbench.run import CALIBRATION_FILE, MODEL_FILE, STATS_FILE
 
@@ -144,7 +145,6 @@ def _require(path: Path, how: str) -> Path:
 
 def _build_from_factory(params: ModelParams, bands: list[str], modalities: list[str]) -> nn.Module:
     """The workbench's own model factory, told the band names and modalities (late fusion and TerraMind use them)."""
-    from workbench.models.factory import build_model
 
     return build_model(params, len(bands), band_names=bands, modalities=modalities)
 

@@ -7,6 +7,26 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from workbench.audit import (
+    agreement_scatter,
+    allowed_label_values,
+    band_histogram_figure,
+    check_data,
+    nodata_by_group,
+    nodata_figure,
+    positive_by_group,
+    positive_share_figure,
+    prefilter_dropped_fraction,
+    save_map_html,
+    scan_store,
+    split_map,
+)
+from workbench.data.agreement import prefilter_table
+from workbench.data.prepare import prepare_data
+from workbench.data.split import leakage_report
+from workbench.data.store import read_store_meta
+from workbench.figures import class_balance_bar, split_map_static
+from workbench.io import write_parquet_atomic
 from workbench.params import Params
 from workbench.run import DATA_AUDIT, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
@@ -18,11 +38,8 @@ if TYPE_CHECKING:
 def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progress: bool = True) -> StageResult:
     """Prepare the data (store, splits, normalisation) and audit it (see `audit_store`).
 
-    `check_batches` training batches go through the loader check (seed 001's pre-flight check).
+    `check_batches` training batches go through the loader check (a pre-flight check before any training).
     """
-    from workbench.data.prepare import prepare_data
-    from workbench.data.split import leakage_report
-    from workbench.figures import class_balance_bar, split_map_static
 
     run_dir = Path(run_dir)
     RunLayout(run_dir).check_params(params)
@@ -75,23 +92,6 @@ def audit_store(
     Adds tables and figures to `result`, writes `diagnostics/data_audit_chips.parquet` (one row per chip)
     and `figures/split_map.html`, and returns the data.* metrics it computed.
     """
-    from workbench.audit import (
-        agreement_scatter,
-        allowed_label_values,
-        band_histogram_figure,
-        check_data,
-        nodata_by_group,
-        nodata_figure,
-        positive_by_group,
-        positive_share_figure,
-        prefilter_dropped_fraction,
-        save_map_html,
-        scan_store,
-        split_map,
-    )
-    from workbench.data.agreement import prefilter_table
-    from workbench.data.store import read_store_meta
-    from workbench.io import write_parquet_atomic
 
     cfg = params.data
     store_bands = [band["name"] for band in read_store_meta(prepared.store)["bands"]]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from workbench.figures import save_figure
 from workbench.io import write_json_atomic
 from workbench.run import RunLayout, Stage
 
@@ -23,7 +24,6 @@ class StageResult:
 
 def save_stage_figure(fig: Any, run_dir: Path, name: str, result: StageResult) -> None:
     """Save a figure under `<run_dir>/figures/` and record it in the stage result."""
-    from workbench.figures import save_figure
 
     path = RunLayout(run_dir).figure(name)
     save_figure(fig, path)

@@ -15,7 +15,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workbench.data.dataset import ChipDataset
+from workbench.data.prepare import load_prepared
+from workbench.evaluate.calibration import Calibration, choose_threshold, choose_thresholds_by_group
+from workbench.evaluate.metrics import group_metrics
+from workbench.evaluate.scoring import (
+    calibration_quality,
+    evaluate_predictions,
+    iter_label_logits,
+    object_metrics,
+    object_table,
+    pooled_summary,
+    pr_curve_record,
+    prevalence_metrics,
+    prevalence_table,
+    tta_comparison,
+)
+from workbench.figures import plot_pr_curves_with_baseline, plot_reliability_grid
+from workbench.functional import MetricInputError
+from workbench.infer.chips import load_predictions
 from workbench.io import write_json_atomic, write_parquet_atomic
+from workbench.models.bundle import load_bundle
 from workbench.params import Params
 from workbench.run import CALIBRATION, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
@@ -32,8 +52,6 @@ def _scan_split(
     params: Params, run_dir: Path, prepared: Any, split: str, calibration: Any = None, max_sample: int = 1_000_000
 ) -> Any:
     """One pass over a split's stored logits (see `workbench.evaluate.scoring.evaluate_predictions`)."""
-    from workbench.evaluate.scoring import evaluate_predictions, iter_label_logits
-    from workbench.infer.chips import load_predictions
 
     predictions = load_predictions(run_dir, split)
     return evaluate_predictions(
@@ -54,7 +72,6 @@ def _choose_thresholds(params: Params, evaluation: Any, temperature: float) -> t
     The table also shows what the same rule picks on uncalibrated probabilities (T = 1): the
     threshold moves with the temperature, which is why it is chosen after calibrating.
     """
-    from workbench.evaluate.calibration import choose_threshold, choose_thresholds_by_group
 
     cfg, bins = params.calibrate, params.evaluate.histogram_bins
     rule: dict[str, Any] = {
@@ -79,8 +96,6 @@ def _choose_thresholds(params: Params, evaluation: Any, temperature: float) -> t
 
 def _prevalence(params: Params, evaluation: Any, threshold: float) -> tuple[pd.DataFrame, dict[str, Any], str]:
     """Prevalence table and curves; an empty table and the reason when the test split cannot be re-weighted."""
-    from workbench.evaluate.scoring import prevalence_table
-    from workbench.functional import MetricInputError
 
     is_positive = evaluation.per_chip["label_pixels"].to_numpy() > 0
     try:
@@ -94,9 +109,6 @@ def _prevalence(params: Params, evaluation: Any, threshold: float) -> tuple[pd.D
 
 def _tta(params: Params, run_dir: Path, prepared: Any, temperature: float, threshold: float, max_chips: int) -> Any:
     """TTA comparison on the first `max_chips` val chips with the saved model bundle."""
-    from workbench.data.dataset import ChipDataset
-    from workbench.evaluate.scoring import tta_comparison
-    from workbench.models.bundle import load_bundle
 
     split = "val" if (prepared.catalog["split"] == "val").any() else params.calibrate.split
     positions = np.flatnonzero(prepared.catalog["split"].to_numpy() == split)
@@ -121,18 +133,6 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
     `tta_chips` bounds the TTA comparison (0 skips it); `max_sample` bounds the pixel sample used for
     ECE, MCE, Brier and reliability diagrams.
     """
-    from workbench.data.prepare import load_prepared
-    from workbench.evaluate.calibration import Calibration
-    from workbench.evaluate.metrics import group_metrics
-    from workbench.evaluate.scoring import (
-        calibration_quality,
-        object_metrics,
-        object_table,
-        pooled_summary,
-        pr_curve_record,
-        prevalence_metrics,
-    )
-    from workbench.figures import plot_pr_curves_with_baseline, plot_reliability_grid
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)

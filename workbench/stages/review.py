@@ -7,15 +7,23 @@ from typing import Any
 
 import numpy as np
 
-from workbench.io import read_json
+from workbench.arrays import sigmoid
+from workbench.data.agreement import prefilter_table
+from workbench.data.dataset import ChipDataset
+from workbench.data.prepare import load_prepared
+from workbench.evaluate.chips import iter_split_chips
+from workbench.figures import chip_title, four_panel, four_panel_filename
+from workbench.infer.chips import load_predictions
+from workbench.io import read_json, write_parquet_atomic
 from workbench.params import Params
+from workbench.review import ReviewChip, resolve_top_k, review_table, top_k_scores
 from workbench.run import REVIEW, TRAINING, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
+from workbench.train.crossfit import oof_name
 
 
 def review_predictions(params: Params, run_dir: Path, split: str) -> str:
     """Name of the predictions that score `split`: out-of-fold ones for train when `review.out_of_fold` is on."""
-    from workbench.train.crossfit import oof_name
 
     if not (params.review.out_of_fold and split == "train"):
         return split
@@ -30,15 +38,6 @@ def review_predictions(params: Params, run_dir: Path, split: str) -> str:
 
 def run_review(params: Params, run_dir: Path) -> StageResult:
     """Rank chips by label suspicion, score the ranking against injected noise, draw four-panel figures."""
-    from workbench.arrays import sigmoid
-    from workbench.data.agreement import prefilter_table
-    from workbench.data.dataset import ChipDataset
-    from workbench.data.prepare import load_prepared
-    from workbench.evaluate.chips import iter_split_chips
-    from workbench.figures import chip_title, four_panel, four_panel_filename
-    from workbench.infer.chips import load_predictions
-    from workbench.io import write_parquet_atomic
-    from workbench.review import ReviewChip, resolve_top_k, review_table, top_k_scores
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)

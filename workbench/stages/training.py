@@ -8,17 +8,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workbench.arrays import sigmoid
+from workbench.data.dataset import ChipDataset
+from workbench.data.prepare import load_prepared
+from workbench.evaluate.chips import iter_split_chips, per_chip_table, pooled_metrics
+from workbench.figures import pick_gallery_chips, prediction_gallery, training_curves
+from workbench.infer.chips import load_predictions, write_predictions
+from workbench.io import write_parquet_atomic, write_text_atomic
 from workbench.params import Params
 from workbench.run import TRAINING, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
+from workbench.train.card import model_card, sampler_composition, split_summary
+from workbench.train.crossfit import out_of_fold_predictions
+from workbench.train.fit import train_model
+from workbench.train.log import divergence_warnings
 
 
 def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, temperature: float = 1.0) -> Any:
     """Per-chip table and pooled metrics of one predicted split (written to diagnostics/)."""
-    from workbench.data.prepare import load_prepared
-    from workbench.evaluate.chips import per_chip_table, pooled_metrics
-    from workbench.infer.chips import load_predictions
-    from workbench.io import write_parquet_atomic
 
     prepared = load_prepared(run_dir, params.data)
     table = per_chip_table(
@@ -51,13 +58,6 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     learning rates, train-validation divergence) and the figures `training_curves` and
     `val_predictions`; tables are also written to `diagnostics/train_*.csv`.
     """
-    from workbench.data.dataset import ChipDataset
-    from workbench.data.prepare import load_prepared
-    from workbench.figures import training_curves
-    from workbench.infer.chips import write_predictions
-    from workbench.train.card import model_card, sampler_composition, split_summary
-    from workbench.train.fit import train_model
-    from workbench.train.log import divergence_warnings
 
     run_dir = Path(run_dir)
     RunLayout(run_dir).check_params(params)
@@ -79,8 +79,6 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
         write_predictions(run_dir, split, model, dataset, params.data.batch_size, tta=params.evaluate.tta)
     metrics = dict(trained.metrics)
     if params.review.out_of_fold and "train" in params.review.splits:
-        from workbench.train.crossfit import out_of_fold_predictions
-
         metrics.update(out_of_fold_predictions(params, prepared, run_dir, "train"))
     for split in ("val", "test"):
         table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
@@ -104,11 +102,6 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
 
 def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame, n: int = 6) -> Any:
     """RGB | label | probability for up to `n` validation chips (worst to best IoU, then false alarms)."""
-    from workbench.arrays import sigmoid
-    from workbench.data.prepare import load_prepared
-    from workbench.evaluate.chips import iter_split_chips
-    from workbench.figures import pick_gallery_chips, prediction_gallery
-    from workbench.infer.chips import load_predictions
 
     chosen = pick_gallery_chips(per_chip_val, n)
     if not chosen:
@@ -135,7 +128,6 @@ def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame
 
 def save_training_tables(run_dir: Path, result: StageResult) -> None:
     """Write the report tables of the training stage to `diagnostics/train_<name>.csv`."""
-    from workbench.io import write_text_atomic
 
     for name in ("split_summary", "sampler_composition", "model_parts", "param_groups", "warnings"):
         write_text_atomic(RunLayout(run_dir).diagnostic(f"train_{name}.csv"), result.tables[name].to_csv(index=False))

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from workbench.params import EarlyStoppingConfig
+from workbench.train.optim import set_backbone_trainable
 
 
 class GatedEarlyStopping(Callback):
@@ -76,14 +77,13 @@ class GatedEarlyStopping(Callback):
 
 
 class BackboneFreeze(Callback):
-    """Keep the backbone frozen for the first `epochs` epochs, then train it (seed 001's phase 1/2)."""
+    """Keep the backbone frozen for the first `epochs` epochs, then train it (a two-phase fine-tuning schedule)."""
 
     def __init__(self, epochs: int, backbone_prefix: str = "encoder") -> None:
         self.epochs = epochs
         self.backbone_prefix = backbone_prefix
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from workbench.train.optim import set_backbone_trainable
 
         model = getattr(pl_module, "model", pl_module)
         set_backbone_trainable(model, trainer.current_epoch >= self.epochs, backbone_prefix=self.backbone_prefix)

@@ -11,14 +11,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workbench.data.loading import EpochShuffleSampler
+from workbench.data.sampling import CurriculumSampler, build_sampler, positive_chips
+from workbench.models.factory import describe_model
 from workbench.params import Params
+from workbench.train.optim import warn_tiny_lr
 
 # --------------------------------------------------------------------------- data and sampler
 
 
 def split_summary(catalog: pd.DataFrame, positive_threshold: float) -> pd.DataFrame:
     """Chips, positive chips (the samplers' rule) and mean label fraction per split."""
-    from workbench.data.sampling import positive_chips
 
     for column in ("split", "positive_fraction"):
         if column not in catalog.columns:
@@ -42,8 +45,6 @@ def sampler_composition(params: Params, catalog: pd.DataFrame) -> pd.DataFrame:
     Rows are the epochs where the composition can change (curriculum stage starts; else epoch 0),
     computed by drawing that epoch from the real sampler over the train split.
     """
-    from workbench.data.loading import EpochShuffleSampler
-    from workbench.data.sampling import CurriculumSampler, build_sampler, positive_chips
 
     train = catalog[catalog["split"] == "train"]
     fraction = train["positive_fraction"].to_numpy()
@@ -78,8 +79,6 @@ def sampler_composition(params: Params, catalog: pd.DataFrame) -> pd.DataFrame:
 
 def model_card(task: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(parameter counts per top-level part, optimiser groups with effective learning rates, lr warnings)."""
-    from workbench.models.factory import describe_model
-    from workbench.train.optim import warn_tiny_lr
 
     model = getattr(task.model, "_orig_mod", task.model)
     described = describe_model(model)

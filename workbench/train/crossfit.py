@@ -24,9 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from workbench.data.dataset import ChipDataset
 from workbench.data.prepare import PreparedData
+from workbench.data.split import spatial_kfold
+from workbench.infer.chips import collect_logits, load_predictions, save_predictions
 from workbench.params import Params
 from workbench.run import RunLayout
+from workbench.train.fit import train_model
 
 HELDOUT = "heldout"
 
@@ -38,7 +42,6 @@ def oof_name(split: str) -> str:
 
 def assign_folds(params: Params, prepared: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Store positions of the chips of `split` and the spatial fold of each."""
-    from workbench.data.split import spatial_kfold
 
     catalog = prepared.catalog
     positions = np.flatnonzero(catalog["split"].to_numpy() == split)
@@ -87,9 +90,6 @@ def out_of_fold_predictions(
     `train` is the training function (default `workbench.train.fit.train_model`); returns metrics:
     the number of folds, the fewest and most chips in a fold, and seconds.
     """
-    from workbench.data.dataset import ChipDataset
-    from workbench.infer.chips import collect_logits, load_predictions, save_predictions
-    from workbench.train.fit import train_model
 
     fit = train if train is not None else train_model
     run_dir = Path(run_dir)

@@ -29,10 +29,18 @@ import numpy as np
 import torch
 
 from workbench.data.loading import build_datamodule, data_pos_weight
+from workbench.data.normalize import NormalizationStats
 from workbench.data.prepare import PreparedData
+from workbench.data.sampling import build_sampler
+from workbench.data.store import read_store_meta
 from workbench.io import write_json_atomic
+from workbench.models.bundle import describe_band_mismatch, save_bundle
+from workbench.models.factory import resolve_architecture
 from workbench.params import Params
 from workbench.run import LOGS_DIR, RUN_INFO_FILE, TRAINING, RunLayout, git_commit, package_versions, project_root
+from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping, LastCheckpoint, RngStateCallback
+from workbench.train.ema import EMACallback, FinalWeightsCallback, build_snapshot_callback, build_swa_callback
+from workbench.train.task import SegmentationTask
 
 DDP_STRATEGIES = {"ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"}
 
@@ -77,8 +85,6 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping, LastCheckpoint, RngStateCallback
-
     cfg = params.train
     monitor, mode = checkpoint_monitor(params)
     directory = RunLayout(run_dir).checkpoints
@@ -92,22 +98,14 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
         prefix = getattr(task.model, "backbone_prefix", "encoder")
         callbacks.append(BackboneFreeze(cfg.optimizer.freeze_backbone_epochs, prefix))
     if cfg.ema.enabled:
-        from workbench.train.ema import EMACallback
-
         callbacks.append(EMACallback(cfg.ema.decay))
     if cfg.swa.enabled:
-        from workbench.train.ema import build_swa_callback
-
         callbacks.append(build_swa_callback(cfg.swa, cfg.max_epochs))
     if cfg.swa.soup_snapshots:
-        from workbench.train.ema import build_snapshot_callback
-
         callbacks.append(build_snapshot_callback(cfg.swa, cfg.max_epochs, RunLayout(run_dir).snapshots))
     if cfg.early_stopping.enabled:
         callbacks.append(GatedEarlyStopping(cfg.early_stopping))
     if cfg.ema.enabled or cfg.swa.soup_snapshots:
-        from workbench.train.ema import FinalWeightsCallback
-
         callbacks.append(FinalWeightsCallback())  # last: after EMA and snapshots
     return callbacks
 
@@ -151,7 +149,6 @@ def has_unused_parameters(params: Params) -> bool:
     smp encoders built with encoder_depth < 5 keep their deeper stages unused, and a backbone frozen
     for the first epochs gets no gradient while it is frozen.
     """
-    from workbench.models.factory import resolve_architecture
 
     model = params.model
     try:
@@ -178,7 +175,6 @@ def build_strategy(params: Params) -> Any:
 
 def sampler_epoch_lengths(params: Params, prepared: PreparedData) -> list[int]:
     """Chips drawn in each epoch (the curriculum changes it at its stage epochs)."""
-    from workbench.data.sampling import build_sampler
 
     train = prepared.catalog["split"].to_numpy() == "train"
     fraction = prepared.catalog["positive_fraction"].to_numpy()[train]
@@ -230,7 +226,6 @@ class CheckpointMismatch(ValueError):
 
 def normalization_record(stats_path: Path) -> dict[str, Any]:
     """The normalisation statistics as plain lists (stored with the task's hyper-parameters)."""
-    from workbench.data.normalize import NormalizationStats
 
     stats = NormalizationStats.load(stats_path)
     return {
@@ -250,8 +245,6 @@ def check_checkpoint_matches(checkpoint: Path, bands: list[str], normalization: 
     hparams = state.get("hyper_parameters", {})
     saved_bands = list(hparams.get("band_names", []))
     if saved_bands != list(bands):
-        from workbench.models.bundle import describe_band_mismatch
-
         raise CheckpointMismatch(
             f"{checkpoint} was trained on other bands: {describe_band_mismatch(saved_bands, list(bands))}; "
             "start a new run directory or select the checkpoint's bands with data.bands"
@@ -281,8 +274,6 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
     `steps_per_epoch` (for warm-up and cosine schedules) is the mean number of batches per epoch over
     the run, so a curriculum whose epochs grow still ends its cosine at the last step.
     """
-    from workbench.data.store import read_store_meta
-    from workbench.train.task import SegmentationTask
 
     meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
     lengths = sampler_epoch_lengths(params, prepared)
@@ -361,8 +352,6 @@ def write_run_info(params: Params, model_dir: Path, resumed_from: str | None = N
 
 def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_dir: Path) -> Path:
     """Save the task's final weights as a bundle (EMA averages or a soup, put in place by FinalWeightsCallback)."""
-    from workbench.data.store import read_store_meta
-    from workbench.models.bundle import save_bundle
 
     model = getattr(task.model, "_orig_mod", task.model)
     meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}

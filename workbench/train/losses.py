@@ -68,7 +68,7 @@ def _zero(logits: torch.Tensor) -> torch.Tensor:
 
 
 def class_ratio_weight(ratio: float, weighting: Weighting = "linear") -> float:
-    """Turn a background/foreground ratio into a positive-class weight (seed 001's options).
+    """Turn a background/foreground ratio into a positive-class weight (linear, square root or logarithmic).
 
     linear: ratio; sqrt: sqrt(ratio); log: log(ratio); 'none' behaves like linear.
     """

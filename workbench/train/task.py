@@ -17,8 +17,14 @@ import torch
 from torch import nn
 
 from workbench.data.dataset import Sample, loss_mask
+from workbench.data.sampling import positive_chips
+from workbench.evaluate.metrics import PrevalenceEvaluator, ThresholdHistogram, per_chip_histograms
 from workbench.functional import metrics_from_counts
+from workbench.io import write_json_atomic
+from workbench.models.factory import build_model
 from workbench.params import ModelParams, TrainParams
+from workbench.train.losses import build_loss
+from workbench.train.optim import build_param_groups, build_scheduler, describe_param_groups
 
 PR_BINS = 100
 """Probability bins of the per-chip validation histograms behind val/pr_auc (cheap: 2 x 100 counts per chip)."""
@@ -98,14 +104,12 @@ class SegmentationTask(L.LightningModule):
     # hooks -------------------------------------------------------------------
     def configure_models(self) -> None:
         """Build the network from the model parameters."""
-        from workbench.models.factory import build_model
 
         hp = self.hparams
         self.model = build_model(self.model_cfg, hp["in_channels"], hp["band_names"], hp["modalities"])
 
     def configure_losses(self) -> None:
         """Build the weighted loss terms."""
-        from workbench.train.losses import build_loss
 
         self.criterion = build_loss(self.train_cfg.loss, data_pos_weight=self.hparams["data_pos_weight"])
 
@@ -163,7 +167,6 @@ class SegmentationTask(L.LightningModule):
         """
         if self.failure_dir is None:
             return None
-        from workbench.io import write_json_atomic
 
         indices = [int(i) for i in (batch["index"].tolist() if torch.is_tensor(batch["index"]) else batch["index"])]
         info: dict[str, Any] = {
@@ -197,7 +200,6 @@ class SegmentationTask(L.LightningModule):
     # ranking metrics ------------------------------------------------------------
     def _collect_histograms(self, logits: torch.Tensor, batch: Sample) -> None:
         """Per-chip probability histograms of positive and negative pixels (valid and labelled only)."""
-        from workbench.evaluate.metrics import per_chip_histograms
 
         prob = torch.sigmoid(logits[:, 0].detach().float()).cpu().numpy()
         pos, neg = per_chip_histograms(prob, batch["label"].cpu().numpy(), batch["valid"].cpu().numpy(), PR_BINS)
@@ -221,8 +223,6 @@ class SegmentationTask(L.LightningModule):
 
     def prevalence_pr_auc(self, pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
         """PR-AUC of the pooled pixels and at chip ratios 1:1 and 1:r for r in `prevalences`."""
-        from workbench.data.sampling import positive_chips
-        from workbench.evaluate.metrics import PrevalenceEvaluator, ThresholdHistogram
 
         scores = {"pr_auc": ThresholdHistogram.from_counts(pos.sum(0), neg.sum(0)).pr_auc()}
         labelled = pos.sum(1) + neg.sum(1)
@@ -280,7 +280,6 @@ class SegmentationTask(L.LightningModule):
 
     # optimisation -------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        from workbench.train.optim import build_param_groups, build_scheduler
 
         cfg = self.train_cfg.optimizer
         groups = build_param_groups(
@@ -305,7 +304,6 @@ class SegmentationTask(L.LightningModule):
 
     def param_group_table(self) -> Any:
         """The optimiser's groups with their effective learning rates (for the model card)."""
-        from workbench.train.optim import build_param_groups, describe_param_groups
 
         groups = build_param_groups(
             self.model,
