@@ -436,4 +436,3 @@ def test_raster_without_georeference_is_refused(model_dir: Path, tmp_path: Path)
 def test_missing_raster(model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"absent\.tif"):
         run_raster(model_dir, tmp_path / "absent.tif", tmp_path / "out")
-
