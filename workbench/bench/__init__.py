@@ -27,7 +27,7 @@ def _data(quick: bool, reports: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if quick:
             reads = bench_store_reads(Path(tmp), n_chips=8, batch_size=4, block=1, pairs=2, cold_pairs=1)
-            loader = bench_loader_vs_model(Path(tmp), sizes=(32,), batch_size=2, num_workers=1, block=1, pairs=1)
+            loader = bench_loader_vs_model(Path(tmp), sizes=(32,), batch_size=2, num_workers=1, batches=1, pairs=1)
         else:
             reads = bench_store_reads(Path(tmp))
             loader = bench_loader_vs_model(Path(tmp))
