@@ -146,11 +146,11 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _strip(ratios: list[float], width: int = 220, height: int = 18) -> str:
-    """An inline SVG strip of per-pair ratios on a log axis from 1/4 to 4, with a line at 1."""
+    """An inline SVG strip of per-pair ratios on a log axis from 1/16 to 16, with a line at 1."""
 
     def x(value: float) -> float:
-        clipped = min(max(value, 0.25), 4.0)
-        return (math.log(clipped) - math.log(0.25)) / (math.log(4.0) - math.log(0.25)) * (width - 8) + 4
+        clipped = min(max(value, 1 / 16), 16.0)
+        return (math.log(clipped) + math.log(16.0)) / (2 * math.log(16.0)) * (width - 8) + 4
 
     dots = "".join(
         f'<circle cx="{x(r):.1f}" cy="{height / 2}" r="3" fill="#1f77b4" fill-opacity="0.6"/>'
@@ -190,7 +190,7 @@ def summary_html(results: dict[str, Any], title: str) -> str:
         f"cores: {_fmt(results.get('load', {}).get('cpu_count'))}</p>",
         f"<p>Refusal rule: {html.escape(str(results.get('refusal_rule', DEFAULT_RULE.describe())))}.</p>",
         "<h2>Paired comparisons</h2><table><tr><th>comparison</th><th>ratio of</th><th>ratio (median of pairs)</th>"
-        "<th>min</th><th>max</th><th>pairs (log axis 1/4..4, line at 1)</th><th>CPU-time ratio</th>"
+        "<th>min</th><th>max</th><th>pairs (log axis 1/16..16, line at 1)</th><th>CPU-time ratio</th>"
         "<th>load avg</th></tr>",
     ]
     for row in paired:
