@@ -436,30 +436,3 @@ def test_raster_without_georeference_is_refused(model_dir: Path, tmp_path: Path)
 def test_missing_raster(model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"absent\.tif"):
         run_raster(model_dir, tmp_path / "absent.tif", tmp_path / "out")
-
-
-# --------------------------------------------------------------------------- benchmark smoke run
-
-
-def test_bench_infer_smoke(tmp_path: Path) -> None:
-    from workbench.bench.infer import bench_infer
-
-    result = bench_infer(
-        tmp_path,
-        quick=True,
-        image_size=64,
-        window=32,
-        memory_limit_mb=2,
-        raster_factor=2,
-        raster_bands=4,
-        sweep_pixels=10_000,
-    )
-    assert set(result) == {"sliding_window", "threshold_sweep", "large_raster", "summary"}
-    assert result["summary"]["raster_to_limit"] == pytest.approx(2.0, rel=0.02)  # the file is twice the limit
-    assert result["summary"]["overhead_ratio"] == result["sliding_window"]["overhead_ratio"]
-    overhead = result["sliding_window"]
-    assert overhead["n_windows"] == 9 and overhead["bare_forward_s"] > 0 and overhead["sliding_window_s"] > 0
-    large = result["large_raster"]
-    assert large["raster_shape"] == [4, 512, 512] and large["seconds"] > 0 and large["n_blocks"] == 4
-    assert large["n_polygons"] == 4  # one 40x40 lake every 500 pixels
-    assert "pixels_per_s" in result["threshold_sweep"] or "skipped" in result["threshold_sweep"]
