@@ -78,7 +78,9 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
         dataset = ChipDataset(prepared.store, positions, bands=prepared.bands, normalizer=normalizer)
         write_predictions(run_dir, split, model, dataset, params.data.batch_size, tta=params.evaluate.tta)
     metrics = dict(trained.metrics)
-    if params.review.out_of_fold and "train" in params.review.splits:
+    from workbench.train.crossfit import use_out_of_fold
+
+    if use_out_of_fold(params, prepared.catalog):
         from workbench.train.crossfit import out_of_fold_predictions
 
         metrics.update(out_of_fold_predictions(params, prepared, run_dir, "train"))
