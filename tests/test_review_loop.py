@@ -339,3 +339,58 @@ def test_peel_annotators_and_contested_share_against_the_vote_raster(shared_data
         assert table.set_index("annotator").loc[name, "iou_loo"] == pytest.approx(expected)
     assert table["iou_loo"].is_monotonic_increasing
     assert annotator_table(masks).equals(table)
+
+
+def test_next_run_honours_the_ledger(tmp_path: Path) -> None:
+    """A dropped chip leaves the train split the loader draws from; a fixed chip trains on its corrected label."""
+    from workbench.data.loading import build_datamodule
+    from workbench.data.prepare import load_prepared, prepare_data
+    from workbench.params import DataParams, Params
+
+    store = make_store(tmp_path / "store", n=9)
+    params = Params(
+        experiment="t",
+        data=DataParams(source="store", store=store, split={"method": "catalog"}, normalize={"method": "none"}),
+    )
+    prepare_data(params.data, tmp_path / "run")
+    ledger = Ledger.for_store(store)
+    fixed = np.zeros((SIZE, SIZE), np.uint8)
+    fixed[0, :] = 1
+    ledger.record("c0", "drop", reviewer="ana")  # c0, c3, c6 are train chips
+    ledger.record("c3", "fix", reviewer="ana", corrected=fixed)
+    prepared = load_prepared(tmp_path / "run", params.data)
+    train = build_datamodule(params, prepared).dataset("train")
+    ids = read_catalog(store)["chip_id"].to_numpy()
+    assert sorted(ids[train.indices]) == ["c3", "c6"]
+    labels = {ids[int(sample["index"])]: sample["label"].numpy() for sample in (train[0], train[1])}
+    np.testing.assert_array_equal(labels["c3"], fixed)
+    assert labels["c6"].sum() == 36
+    record = json.loads((tmp_path / "run" / "data" / "ledger.json").read_text())
+    assert record["lines"] == 3 and record["dropped"] == 1 and record["fixed"] == 1 and len(record["sha256"]) == 64
+    off = load_prepared(tmp_path / "run", params.data, decisions=False)
+    assert "dropped" not in set(off.catalog["split"]) and not off.corrections
+
+
+def test_label_corrected_table_by_hand() -> None:
+    from workbench.evaluate.chips import label_corrected_table
+
+    table = pd.DataFrame(
+        {
+            "region": ["a", "a", "b"],
+            "tp": [8, 5, 4], "fp": [2, 0, 0], "fn": [0, 5, 0],
+            "tp_raw": [8, 0, 4], "fp_raw": [2, 5, 0], "fn_raw": [0, 10, 0],
+            "dropped": [False, False, True], "fixed": [False, True, False],
+        }
+    )  # fmt: skip
+    result = label_corrected_table(table).set_index("region")
+    assert result.loc["all", "iou_raw"] == pytest.approx(12 / (12 + 7 + 10))
+    assert result.loc["all", "iou_corrected"] == pytest.approx(13 / (13 + 2 + 5))
+    assert result.loc["b", "n_dropped"] == 1 and result.loc["a", "n_fixed"] == 1
+
+
+def test_review_benchmark_quick_finds_the_omitted_lakes() -> None:
+    from workbench.bench.review import bench_review
+
+    result = bench_review(quick=True)
+    assert result["top_k_precision"] == 1.0 and result["top_k_recall"] == 1.0
+    assert result["meets_goal"] and result["chips_per_second"] > 0

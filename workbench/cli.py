@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks written under reports/bench/")
-    bench.add_argument("what", choices=["data", "train", "infer", "all"])
+    bench.add_argument("what", choices=["data", "train", "infer", "review", "all"])
     bench.add_argument("--reports", default="reports")
     bench.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     bench.set_defaults(func=cmd_bench)

@@ -38,7 +38,13 @@ def _infer(quick: bool) -> dict[str, Any]:
         return bench_infer(Path(tmp), quick=quick)
 
 
-BENCHMARKS = {"data": _data, "train": _train, "infer": _infer}
+def _review(quick: bool) -> dict[str, Any]:
+    from workbench.bench.review import bench_review
+
+    return bench_review(quick)
+
+
+BENCHMARKS = {"data": _data, "train": _train, "infer": _infer, "review": _review}
 
 
 def run_benchmark(what: str, reports: Path, quick: bool = False) -> Path:

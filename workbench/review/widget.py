@@ -150,6 +150,7 @@ class ReviewWidget:
         overlays: Mapping[str, str] | None = None,
         panels: Callable[[str], Any] | None = None,
         basemap: bool = False,
+        overlay_for: Callable[[str], str] | None = None,
     ) -> None:
         import ipyleaflet
         import ipywidgets as widgets
@@ -159,6 +160,7 @@ class ReviewWidget:
         self.footprints = {str(c): ring for c, ring in zip(session.table["chip_id"], footprints, strict=True)}
         self.overlays = dict(overlays or {})
         self.panels = panels
+        self.overlay_for = overlay_for  # chip id -> PNG data URL of its noise image, computed when first shown
         points = np.array([p for ring in footprints for p in ring])
         south, west, north, east = points[:, 1].min(), points[:, 0].min(), points[:, 1].max(), points[:, 0].max()
         self.map = leafmap.Map(center=((south + north) / 2, (west + east) / 2), zoom=10, draw_control=False)
@@ -228,6 +230,8 @@ class ReviewWidget:
         self.title.value = f"<b>{chip_id}</b> · rank {int(row['rank'])} · score {float(row['score']):.3f}"
         ring = self.footprints[chip_id]
         lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+        if chip_id not in self.overlays and self.overlay_for is not None:
+            self.overlays[chip_id] = self.overlay_for(chip_id)
         if chip_id in self.overlays:
             self.noise_layer.url = self.overlays[chip_id]
             self.noise_layer.bounds = ((min(lats), min(lons)), (max(lats), max(lons)))
@@ -247,3 +251,64 @@ class ReviewWidget:
             self.note.value = ""
             self.show(self.session.next())
         return saved
+
+
+def review_widget(params: Any, run_dir: Any, ranking: pd.DataFrame, basemap: bool = False) -> ReviewWidget:
+    """The review map of a run (notebook 04): its ranking, the store's ledger, the model's masks and panels."""
+    from pathlib import Path
+
+    from workbench.arrays import sigmoid
+    from workbench.data.dataset import ChipDataset
+    from workbench.data.prepare import load_prepared
+    from workbench.figures import chip_title, four_panel
+    from workbench.infer.chips import load_predictions
+    from workbench.io import read_json
+    from workbench.review.maps import chip_footprints, noise_image, png_data_url
+    from workbench.run import RunLayout
+
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
+    calibration = read_json(layout.calibration) if layout.calibration.is_file() else {}
+    temperature = float(calibration.get("temperature", 1.0))
+    threshold = float(calibration.get("threshold", params.evaluate.threshold))
+    table = ranking.sort_values("rank", kind="stable").reset_index(drop=True)
+    by_id = table.set_index("chip_id")
+    cache: dict[str, Any] = {}
+
+    def chip(chip_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        row: dict[str, Any] = dict(by_id.loc[chip_id])
+        source = str(row.get("scored_by", row["split"]))
+        if source not in cache:
+            cache[source] = load_predictions(run_dir, source)
+        predictions = cache[source]
+        index = int(row["store_index"])
+        position = int(np.flatnonzero(predictions["chip_index"].values == index)[0])
+        image, label, valid = ChipDataset(prepared.store, [index], bands=prepared.bands).read_raw(0)
+        logit = np.asarray(predictions["logit"][position].values, dtype=np.float32)
+        return image, label, valid, sigmoid(logit / temperature, np.float32)
+
+    def model_mask(chip_id: str) -> np.ndarray:
+        _, _, valid, prob = chip(chip_id)
+        return (valid & (prob >= threshold)).astype(np.uint8)
+
+    def overlay(chip_id: str) -> str:
+        _, label, valid, prob = chip(chip_id)
+        return png_data_url(noise_image(label, prob, valid, threshold))
+
+    def panels(chip_id: str) -> Any:
+        image, label, valid, prob = chip(chip_id)
+        row: dict[str, Any] = dict(by_id.loc[chip_id])
+        region, year = str(row.get("region", "")), int(row.get("year", 0))
+        title = chip_title(chip_id, region, year, float(row["lat"]), float(row["lon"]), float(row["score"]))
+        return four_panel(
+            image, prepared.bands, label, prob, valid, title,
+            water_threshold=params.review.water_index_threshold, threshold=threshold,
+            green=params.data.green_band, swir=params.data.swir_band, rgb=params.data.rgb_bands,
+            index=params.review.index, nir=params.review.nir_band,
+        )  # fmt: skip
+
+    ledger = Ledger.for_store(prepared.store, params.review.ledger)
+    session = ReviewSession(table, ledger, model_mask=model_mask)
+    size = int(ChipDataset(prepared.store, [0], bands=prepared.bands).read_raw(0)[1].shape[-1])
+    return ReviewWidget(session, chip_footprints(table, size), panels=panels, basemap=basemap, overlay_for=overlay)

@@ -80,23 +80,24 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     layout = RunLayout(run_dir)
     layout.check_params(params)
     cfg = params.review
-    prepared = load_prepared(run_dir, params.data)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
     calibration_file = layout.calibration
     calibration = read_json(calibration_file) if calibration_file.is_file() else {}
     temperature = float(calibration.get("temperature", 1.0))
     threshold = float(calibration.get("threshold", params.evaluate.threshold))
     catalog = prepared.catalog
-    splits = [split for split in cfg.splits if (catalog["split"] == split).any()]
+    splits = [split for split in cfg.splits if (catalog["review_split"] == split).any()]
     sources = {split: review_predictions(params, run_dir, split, catalog) for split in splits}
     votes_reader, n_annotators = _store_votes(prepared.store)
 
     def chips() -> Any:
         for split in splits:
             for index, image, label, valid, logit in iter_split_chips(
-                prepared.store, load_predictions(run_dir, sources[split]), prepared.bands
+                prepared.store, load_predictions(run_dir, sources[split]), prepared.bands, prepared.corrections
             ):
                 row = {**{str(k): v for k, v in catalog.iloc[index].items()}, "store_index": index}
                 row["scored_by"] = sources[split]
+                row["split"] = split  # a chip dropped by the ledger is still reviewed in its original split
                 yield ReviewChip(
                     row=row,
                     image=image,

@@ -105,7 +105,11 @@ def out_of_fold_predictions(
         if not saved.exists():
             trained = fit(settings, fold_data(prepared, heldout), fold_dir)
             dataset = ChipDataset(
-                prepared.store, heldout, bands=prepared.bands, normalizer=trained.datamodule.normalizer
+                prepared.store,
+                heldout,
+                bands=prepared.bands,
+                normalizer=trained.datamodule.normalizer,
+                corrections=prepared.corrections,
             )
             model = trained.task.model.eval()
             fold_indices, fold_logits = collect_logits(model, dataset, params.data.batch_size, params.evaluate.tta)
