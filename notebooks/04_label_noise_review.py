@@ -14,15 +14,18 @@
 # %% [markdown]
 # # 04 · Label-noise review
 #
-# Where the model, the water index and the label disagree, the label is often the one that is
-# wrong (a lake omitted, undersized or misplaced). Each chip gets a suspicion score from
-# model-label disagreement and index-label disagreement where model and index agree; the
-# top-ranked chips are drawn as four panels: S2 RGB | MNDWI | label | prediction.
+# Where the model, an index of the imagery and the label disagree, the label is often the one that is
+# wrong (an object omitted, undersized or misplaced). Each chip gets one suspicion score
+# (`workbench.review.signals.combined_score`) from its signals, each a column of the ranking:
 #
-# A model partly memorises the labels it trained on, corrupted ones included, so it scores its own
-# training chips too kindly. With `review.out_of_fold: true` the training stage also trains one model
-# per spatial fold of the train split (`data.split.n_folds`) and each train chip is scored by the
-# model that never saw it; the metric `review.out_of_fold` says which predictions were used.
+# * `model_disagreement` and `confident_error`: the label against the model's probability, scored out of
+#   sample (`scored_by` says which predictions: `train_oof` are out-of-fold models that never saw the chip);
+# * `cleanlab_quality`: cleanlab's confident-learning label-quality score (lower = more suspicious);
+# * `index_disagreement`: the label against the index of `review.index` (MNDWI for water, none elsewhere);
+# * `vote_entropy` and `contested_share`: how much the annotators of multi-annotator stores disagree.
+#
+# Decisions taken on the map below go to the store's review ledger (`<store>.review/decisions.jsonl`),
+# which later runs apply: dropped chips leave their split, fixed chips train and score on the corrected label.
 
 # %% tags=["parameters"]
 params_file = "../params/demo.yaml"
@@ -39,9 +42,36 @@ params, run_path = open_run(params_file, overrides, run_dir)
 review = run_review(params, run_path)
 show_metrics(review.metrics)
 
+# %% [markdown]
+# ## The ranking (rank 1 = review first)
+
 # %%
-display(review.tables["ranking"])
+display(review.tables["ranking"].head(25))
 display(review.tables["prefilter"])
+
+# %% [markdown]
+# ## Annotators, decisions so far and conflicting decisions
+
+# %%
+for name in ("annotators", "decisions", "conflicts"):
+    if name in review.tables and len(review.tables[name]):
+        print(name)
+        display(review.tables[name])
+
+# %% [markdown]
+# ## The review map
+#
+# Footprints coloured by score (hover: chip id and score; click: the chip's panels on the right), the
+# label-noise layer of the current chip (orange: labelled but not predicted; magenta: predicted but not
+# labelled), check boxes for the layers, next / previous through the ranking and the decision buttons.
+# "fix" stores the model's mask as the chip's corrected label. `figures/review_map.html` is the same map
+# as a standalone file.
+
+# %%
+from workbench.review.widget import review_widget
+
+review_map = review_widget(params, run_path, review.tables["ranking"])
+display(review_map.widget)
 
 # %% [markdown]
 # ## Most suspicious chips

@@ -106,3 +106,97 @@ def water_mask(
 ) -> Array:
     """Boolean water mask ``MNDWI > threshold`` (CryoSentinel docs use 0, its code 0.3)."""
     return mndwi(image, band_names, green, swir, axis) > threshold  # type: ignore[return-value]
+
+
+def resolve_band(band_names: Sequence[str], name: str) -> str:
+    """The band called `name`, or its first time step (`name_t0`, then any `name_t<k>`) in multi-temporal stacks.
+
+    Recipes name bands once (``B04``) while stores of several time steps hold ``B04_t0`` .. ``B04_t3``.
+    """
+    names = [str(band) for band in band_names]
+    if name in names:
+        return name
+    if f"{name}_t0" in names:
+        return f"{name}_t0"
+    steps = [band for band in names if band.startswith(f"{name}_t") and band[len(name) + 2 :].isdigit()]
+    if steps:
+        return steps[0]
+    raise BandNotFoundError(f"band {name!r} (or {name}_t0) is not among the image bands {names}")
+
+
+_EXPRESSION_NODES = (
+    "Expression",
+    "BinOp",
+    "UnaryOp",
+    "Name",
+    "Load",
+    "Constant",
+    "Add",
+    "Sub",
+    "Mult",
+    "Div",
+    "USub",
+    "UAdd",
+)
+
+
+def expression_bands(expression: str) -> list[str]:
+    """Band names used by a band expression such as ``(B03 - B11) / (B03 + B11)``; rejects anything else.
+
+    Allowed: band names, numbers, ``+ - * /``, unary minus and parentheses.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as error:
+        raise ValueError(f"band expression {expression!r} is not valid: {error.msg}") from None
+    names: list[str] = []
+    for node in ast.walk(tree):
+        kind = type(node).__name__
+        if kind not in _EXPRESSION_NODES:
+            raise ValueError(
+                f"band expression {expression!r} uses {kind}; only band names, numbers, + - * / and parentheses"
+            )
+        if isinstance(node, ast.Constant) and not isinstance(node.value, int | float):
+            raise ValueError(f"band expression {expression!r}: {node.value!r} is not a number")
+        if isinstance(node, ast.Name) and node.id not in names:
+            names.append(node.id)
+    if not names:
+        raise ValueError(f"band expression {expression!r} names no band")
+    return names
+
+
+def band_expression(image: np.ndarray, band_names: Sequence[str], expression: str) -> np.ndarray:
+    """Evaluate a band expression (see `expression_bands`) on a (band, y, x) numpy image; division by 0 gives 0."""
+    import ast
+
+    image = np.asarray(image)
+    tree = ast.parse(expression, mode="eval")
+    expression_bands(expression)
+
+    def value(node: ast.AST) -> np.ndarray | float:
+        if isinstance(node, ast.Expression):
+            return value(node.body)
+        if isinstance(node, ast.Constant):
+            return float(node.value)  # type: ignore[arg-type]
+        if isinstance(node, ast.Name):
+            return image[band_index(band_names, resolve_band(band_names, node.id))].astype(np.float64)
+        if isinstance(node, ast.UnaryOp):
+            operand = value(node.operand)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        assert isinstance(node, ast.BinOp)
+        left, right = value(node.left), value(node.right)
+        if isinstance(node.op, ast.Add):
+            return left + right
+        if isinstance(node.op, ast.Sub):
+            return left - right
+        if isinstance(node.op, ast.Mult):
+            return left * right
+        denominator = np.asarray(right, dtype=np.float64)
+        out = np.zeros(np.broadcast_shapes(np.shape(left), denominator.shape), dtype=np.float64)
+        np.divide(left, denominator, out=out, where=denominator != 0)
+        return out
+
+    result = np.asarray(value(tree), dtype=np.float64)
+    return np.broadcast_to(result, image.shape[1:]).copy() if result.ndim < 2 else result

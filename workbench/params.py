@@ -271,12 +271,41 @@ class ReviewParams(StrictModel):
     splits: list[str] = Field(default_factory=lambda: ["train", "val", "test"])
     top_k: int | None = Field(None, ge=1, description="default: the number of injected corruptions, else 20")
     n_figures: int = Field(8, ge=0)
-    out_of_fold: bool = Field(
-        False,
+    out_of_fold: bool | None = Field(
+        None,
         description="score train chips with out-of-fold predictions: one model per spatial fold "
-        "(data.split.n_folds) trained without it (costs n_folds extra trainings)",
+        "(data.split.n_folds) trained without it (costs n_folds extra trainings); default (null): on when "
+        "the train split is reviewed and holds at least 2 x n_folds spatial blocks",
     )
     out_of_fold_epochs: int | None = Field(None, ge=1, description="epochs per fold model (default train.max_epochs)")
+    index: str = Field(
+        "mndwi",
+        description="index compared with the label: 'mndwi' (data.green_band, data.swir_band), 'ndwi' "
+        "(data.green_band, review.nir_band), 'none', or a band expression such as '(B03 - B08) / (B03 + B08)'",
+    )
+    nir_band: str = Field("B08", description="near-infrared band of the 'ndwi' index")
+    confident_weight: float = Field(1.0, ge=0, description="weight of the confident-error term in the score")
+    cleanlab_weight: float = Field(
+        0.5, ge=0, description="weight of 1 - cleanlab's label-quality score (softmin) in the score"
+    )
+    votes_weight: float = Field(1.0, ge=0, description="weight of the contested-pixel share (annotator votes)")
+    batch_size: int = Field(64, ge=1, description="chips scored together by cleanlab (bounds memory)")
+    decisions: bool | None = Field(
+        None,
+        description="apply the store's review ledger (drop/fix decisions) to training and evaluation; "
+        "default (null): on when the ledger exists",
+    )
+    ledger: Path | None = Field(None, description="review ledger file; default <store>.review/decisions.jsonl")
+
+    @field_validator("index")
+    @classmethod
+    def _known_index(cls, value: str) -> str:
+        """Known index names in lower case; a band expression is checked when the review evaluates it."""
+        if value.strip().lower() in ("mndwi", "ndwi", "none"):
+            return value.strip().lower()
+        if not value.strip():
+            raise ValueError("review.index is empty; use 'mndwi', 'ndwi', 'none' or a band expression")
+        return value
 
 
 class Params(StrictModel):

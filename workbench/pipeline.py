@@ -171,6 +171,8 @@ def run_pipeline(
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(layout.metrics, metrics)
     info["status"] = "failed" if error else "complete"
+    if layout.ledger_record.is_file():  # the review ledger the stages applied (path, line count, sha256)
+        info["review_ledger"] = json.loads(layout.ledger_record.read_text(encoding="utf-8"))
     info["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_json_atomic(layout.info, info)
     write_index(reports)

@@ -172,6 +172,31 @@ class RunLayout:
         """diagnostics/data_audit_chips.parquet: the data audit's one row per chip."""
         return self.diagnostic("data_audit_chips.parquet")
 
+    @property
+    def review_ranking(self) -> Path:
+        """diagnostics/review.parquet: the label-noise ranking, sorted by rank (rank, score, signals first)."""
+        return self.diagnostic("review.parquet")
+
+    @property
+    def review_annotators(self) -> Path:
+        """diagnostics/review_annotators.csv: each annotator against the leave-one-out consensus."""
+        return self.diagnostic("review_annotators.csv")
+
+    @property
+    def review_map(self) -> Path:
+        """figures/review_map.html: the standalone (offline) review map of chip footprints and label-noise layers."""
+        return self.figure("review_map", ".html")
+
+    @property
+    def label_corrected(self) -> Path:
+        """diagnostics/label_corrected.csv: raw and label-corrected metrics per split and region."""
+        return self.diagnostic("label_corrected.csv")
+
+    @property
+    def ledger_record(self) -> Path:
+        """data/ledger.json: which review ledger (path, line count, sha256) the run's stages applied."""
+        return self.data / "ledger.json"
+
     def per_chip(self, split: str) -> Path:
         """`diagnostics/per_chip_<split>.parquet`: per-chip scores of a predicted split at the default threshold."""
         return self.diagnostic(f"per_chip_{split}.parquet")

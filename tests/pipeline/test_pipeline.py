@@ -28,6 +28,7 @@ def tiny(tmp_path: Path) -> list[str]:
         "train.progress_bar=false",
         "model.decoder_channels=[32, 16, 16, 8, 8]",
         "review.n_figures=3",
+        "review.out_of_fold=false",  # the fold models are covered by tests/test_crossfit.py
     ]
 
 

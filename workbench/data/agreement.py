@@ -30,6 +30,7 @@ REASON_WATER_EXCESS = "dropped: water index much larger than label"
 REASON_LOW_IOU_AND_EXCESS = "dropped: low IoU and water index much larger than label"
 REASON_EMPTY_DRY = "kept: empty label, little water"
 REASON_EMPTY_WET = "dropped: empty label but water index finds water"
+REASON_NO_INDEX = "kept: no index compared (review.index none)"
 
 AGREEMENT_COLUMNS = [
     "n_pixels",
@@ -58,6 +59,7 @@ class ChipMasks:
     water: np.ndarray
     prob: np.ndarray | None
     pred: np.ndarray | None
+    has_index: bool = True
 
 
 def _where(chip_id: str) -> str:
@@ -75,9 +77,15 @@ def prepare_masks(
     green: str,
     swir: str,
     chip_id: str = "",
+    index_values: np.ndarray | None = None,
+    use_index: bool = True,
 ) -> ChipMasks:
-    """Check shapes and values, compute MNDWI water and the thresholded prediction on scored pixels."""
-    from workbench.indices import mndwi
+    """Check shapes and values, compute the index water mask and the thresholded prediction on scored pixels.
+
+    The index is MNDWI of `green` and `swir` unless `index_values` (an (H, W) plane) is given; with
+    `use_index=False` there is no index and `ChipMasks.has_index` is False.
+    """
+    from workbench.indices import mndwi, resolve_band
 
     where = _where(chip_id)
     image = np.asarray(image)
@@ -96,8 +104,17 @@ def prepare_masks(
     if valid.dtype != bool:
         raise ReviewInputError(f"{where}: valid must be a bool mask, got dtype {valid.dtype}")
     scored = valid & (label != IGNORE_INDEX)
-    index = np.asarray(mndwi(image, list(band_names), green=green, swir=swir), dtype=np.float64)
-    water = scored & (index > water_threshold)
+    if not use_index:
+        index = np.zeros(shape)
+    elif index_values is not None:
+        index = np.asarray(index_values, dtype=np.float64)
+        if index.shape != shape:
+            raise ReviewInputError(f"{where}: index has shape {index.shape}, expected {shape} like the image")
+    else:
+        names = list(band_names)
+        green, swir = resolve_band(names, green), resolve_band(names, swir)
+        index = np.asarray(mndwi(image, names, green=green, swir=swir), dtype=np.float64)
+    water = scored & (index > water_threshold) if use_index else np.zeros(shape, dtype=bool)
     positive = scored & (label > 0)
     probability: np.ndarray | None = None
     pred: np.ndarray | None = None
@@ -110,7 +127,7 @@ def prepare_masks(
             raise ReviewInputError(f"{where}: prob must be a probability in [0, 1] on valid pixels (not logits)")
         probability = np.where(scored, probability, 0.0)
         pred = scored & (probability >= threshold)
-    return ChipMasks(scored=scored, label=positive, water=water, prob=probability, pred=pred)
+    return ChipMasks(scored=scored, label=positive, water=water, prob=probability, pred=pred, has_index=use_index)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray, smooth: float = 0.0) -> float:
@@ -155,12 +172,15 @@ def agreement_from_masks(masks: ChipMasks, cfg: ReviewParams) -> dict[str, Any]:
     iou_label_water = mask_iou(masks.label, masks.water)
     water_fraction = n_water / denominator
     keep, reason = prefilter_decision(n_label, n_water, iou_label_water, water_fraction, cfg)
+    if not masks.has_index:
+        keep, reason = True, REASON_NO_INDEX
+        iou_label_water = water_fraction = math.nan
     result: dict[str, Any] = {
         "n_pixels": n_pixels,
         "label_fraction": n_label / denominator,
         "water_fraction": water_fraction,
         "iou_label_water": iou_label_water,
-        "water_label_ratio": n_water / max(n_label, 1),
+        "water_label_ratio": n_water / max(n_label, 1) if masks.has_index else math.nan,
         "model_fraction": math.nan,
         "iou_label_model": math.nan,
         "iou_model_water": math.nan,
@@ -170,7 +190,7 @@ def agreement_from_masks(masks: ChipMasks, cfg: ReviewParams) -> dict[str, Any]:
     if masks.pred is not None:
         result["model_fraction"] = int(np.count_nonzero(masks.pred)) / denominator
         result["iou_label_model"] = mask_iou(masks.label, masks.pred)
-        result["iou_model_water"] = mask_iou(masks.pred, masks.water)
+        result["iou_model_water"] = mask_iou(masks.pred, masks.water) if masks.has_index else math.nan
     return result
 
 
@@ -233,3 +253,27 @@ def prefilter_table(table: pd.DataFrame, near_zero_iou: float = 0.05) -> pd.Data
     columns = ["decision", "reason", "n_chips", "share", "median_iou_label_water", "n_iou_below"]
     result = pd.DataFrame(rows, columns=columns)
     return result.sort_values(["decision", "n_chips"], ascending=[False, False], kind="stable").reset_index(drop=True)
+
+
+def index_plane(
+    image: np.ndarray, band_names: Sequence[str], index: str, green: str = "B03", swir: str = "B11", nir: str = "B08"
+) -> np.ndarray | None:
+    """The (H, W) index a use case compares with its labels: 'mndwi', 'ndwi', a band expression, or None for 'none'.
+
+    Band names resolve to their first time step (``B03`` -> ``B03_t0``) in multi-temporal stacks.
+    """
+    from workbench.indices import band_expression, mndwi, ndwi, resolve_band
+
+    names = [str(name) for name in band_names]
+    if index == "none":
+        return None
+    if index == "mndwi":
+        return np.asarray(mndwi(image, names, resolve_band(names, green), resolve_band(names, swir)), np.float64)
+    if index == "ndwi":
+        return np.asarray(ndwi(image, names, resolve_band(names, green), resolve_band(names, nir)), np.float64)
+    return band_expression(image, names, index)
+
+
+def index_label(index: str, green: str = "B03", swir: str = "B11", nir: str = "B08") -> str:
+    """Short name of an index for titles and tables."""
+    return {"mndwi": f"MNDWI ({green}, {swir})", "ndwi": f"NDWI ({green}, {nir})", "none": "no index"}.get(index, index)

@@ -7,7 +7,7 @@ batch at once through `ChipDataset.__getitems__`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,10 @@ class ChipDataset(Dataset[Sample]):
         normalizer: Any | None = None,
         augment: Callable[..., Sample] | None = None,
         seed: int = 0,
+        corrections: Mapping[int, Path] | None = None,
     ) -> None:
         self.store = Path(store)
+        self.corrections = dict(corrections or {})  # store position -> corrected label (review ledger "fix")
         meta = read_store_meta(self.store)
         self.all_bands = [band["name"] for band in meta["bands"]]
         self.band_index = resolve_band_indices(self.all_bands, bands)
@@ -102,6 +104,12 @@ class ChipDataset(Dataset[Sample]):
         if self.band_index != list(range(image.shape[1])):  # copy only when a band subset or order is asked for
             image = image[:, self.band_index]
         label, valid = readers["label"].read_batch(chips), readers["valid"].read_batch(chips)
+        if self.corrections:
+            from workbench.data.ledger import load_corrected
+
+            for slot, chip in enumerate(chips):
+                if int(chip) in self.corrections:
+                    label[slot] = load_corrected(self.corrections[int(chip)], label.shape[1:])
         return image.astype(np.float32, copy=False), label, valid.astype(bool, copy=False)
 
     def __getitem__(self, position: int) -> Sample:
@@ -176,8 +184,10 @@ class ChipDataModule(L.LightningDataModule):
         augment: Callable[..., Sample] | None = None,
         batch_augment: Callable[..., Sample] | None = None,
         seed: int = 0,
+        corrections: Mapping[int, Path] | None = None,
     ) -> None:
         super().__init__()
+        self.corrections = dict(corrections or {})
         self.store = Path(store)
         self.catalog = catalog.reset_index(drop=True)
         self.bands = bands
@@ -210,6 +220,7 @@ class ChipDataModule(L.LightningDataModule):
             normalizer=self.normalizer,
             augment=self.augment if augment else None,
             seed=self.seed,
+            corrections=self.corrections,
         )
 
     def _loader(self, dataset: ChipDataset, shuffle: bool, sampler: Any = None) -> DataLoader[Sample]:

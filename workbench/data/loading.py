@@ -188,4 +188,5 @@ def build_datamodule(params: Params, prepared: PreparedData) -> ResumableChipDat
         augment=Augmenter(cfg.augment, modalities, optical),
         batch_augment=BatchAugmenter(cfg.augment),
         seed=params.seed,
+        corrections=prepared.corrections,
     )

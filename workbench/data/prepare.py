@@ -6,8 +6,9 @@ this run) and `normalization_stats.json` (train-split statistics), which later s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -26,6 +27,8 @@ class PreparedData:
     stats_path: Path
     catalog: pd.DataFrame
     bands: list[str]
+    corrections: dict[int, Path] = field(default_factory=dict)  # store position -> corrected label (ledger "fix")
+    ledger: dict[str, Any] | None = None  # provenance of the applied review ledger (path, lines, sha256)
 
 
 def resolve_path(path: Path, root: Path | None = None) -> Path:
@@ -95,12 +98,40 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
     return PreparedData(store, catalog_path, stats_path, catalog, bands)
 
 
-def load_prepared(run_dir: Path, cfg: DataParams, root: Path | None = None) -> PreparedData:
-    """Read what the data stage wrote (the handover to training, calibration and review)."""
+def load_prepared(
+    run_dir: Path,
+    cfg: DataParams,
+    root: Path | None = None,
+    decisions: bool | None = None,
+    ledger: Path | None = None,
+) -> PreparedData:
+    """Read what the data stage wrote (the handover to training, calibration and review).
+
+    The store's review ledger (`workbench.data.ledger`) is applied when `decisions` is True, or when it is
+    None and the ledger exists: chips judged "drop" move to split "dropped" (their original split stays in
+    the column `review_split`), chips judged "fix" are read with their corrected label
+    (`PreparedData.corrections`), and `data/ledger.json` records which ledger was applied.
+    """
+    from workbench.data.ledger import apply_ledger
+    from workbench.io import write_json_atomic
+
     layout = RunLayout(run_dir)
     catalog_path, stats_path = layout.catalog, layout.normalization_stats
     for path in (catalog_path, stats_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; run the data audit stage ({DATA_AUDIT.notebook}) first")
     store = resolve_path(cfg.store, root)
-    return PreparedData(store, catalog_path, stats_path, pd.read_parquet(catalog_path), selected_bands(store, cfg))
+    catalog = pd.read_parquet(catalog_path)
+    catalog["review_split"] = catalog["split"]
+    catalog, state = apply_ledger(store, catalog, decisions, None if ledger is None else resolve_path(ledger, root))
+    prepared = PreparedData(store, catalog_path, stats_path, catalog, selected_bands(store, cfg))
+    if state is not None:
+        prepared.corrections = state.corrections
+        prepared.ledger = {
+            **state.provenance,
+            "dropped": len(state.dropped),
+            "fixed": len(state.corrections),
+            "conflicts": state.conflicts,
+        }
+        write_json_atomic(layout.ledger_record, prepared.ledger)
+    return prepared

@@ -1,4 +1,7 @@
-"""The label-noise four-panel of one chip (S2 RGB | MNDWI | label | prediction), its title and file name."""
+"""The label-noise four-panel of one chip (RGB | index or probability | label | prediction [| votes]).
+
+Also its title and file name.
+"""
 
 from __future__ import annotations
 
@@ -48,14 +51,23 @@ def four_panel(
     threshold: float = 0.5,
     green: str = "B03",
     swir: str = "B11",
-    rgb: tuple[str, str, str] = ("B04", "B03", "B02"),
+    rgb: Sequence[str] = ("B04", "B03", "B02"),
+    index: str = "mndwi",
+    nir: str = "B08",
+    votes: np.ndarray | None = None,
+    n_annotators: int = 0,
 ) -> Figure:
-    """Sentinel-2 RGB | MNDWI (water light blue) | label | prediction at `threshold`, for auditing one chip.
+    """RGB | index (or model probability) | label | prediction at `threshold` [| annotator votes], for one chip.
 
-    Fractions in the panel titles are over scored pixels (valid and labelled), as in the review table.
-    Invalid pixels are grey; unlabelled (ignore) pixels light grey in the label panel.
+    `rgb` and the index (`index`: 'mndwi', 'ndwi', a band expression, or 'none') come from the recipe's
+    parameters; band names resolve to their first time step (``B04`` -> ``B04_t0``). Without an index the
+    second panel shows the model's probability. With a `votes` plane a fifth panel shows how many of the
+    `n_annotators` annotators marked each pixel. Fractions in the panel titles are over scored pixels
+    (valid and labelled), as in the review table. Invalid pixels are grey; unlabelled (ignore) pixels
+    light grey in the label panel.
     """
-    from workbench.indices import mndwi
+    from workbench.data.agreement import index_label, index_plane
+    from workbench.indices import BandNotFoundError, resolve_band
 
     image = np.asarray(image)
     label = np.asarray(label)
@@ -64,22 +76,39 @@ def four_panel(
     planes = {"label": label, "valid": valid}
     if prediction_prob is not None:
         planes["prediction_prob"] = np.asarray(prediction_prob)
+    if votes is not None:
+        planes["votes"] = np.asarray(votes)
     for name, plane in planes.items():
         if plane.shape != shape:
             raise FigureInputError(f"{name} has shape {plane.shape}, expected {shape} like the image")
-    index = np.asarray(mndwi(image, list(band_names), green=green, swir=swir), dtype=np.float64)
+    names = [str(name) for name in band_names]
+    try:
+        rgb_names = tuple(resolve_band(names, name) for name in rgb)
+        index_values = None if index == "none" else index_plane(image, names, index, green, swir, nir)
+    except BandNotFoundError as error:
+        raise FigureInputError(f"{error}; set data.rgb_bands / review.index to bands of this store") from None
     scored = valid & (label != IGNORE_INDEX)
-    water = scored & (index > water_threshold)
     positive = scored & (label > 0)
 
-    fig = Figure(figsize=(16, 4.8), layout="constrained")
-    ax_rgb, ax_index, ax_label, ax_pred = fig.subplots(1, 4)
-    ax_rgb.imshow(rgb_composite(image, band_names, rgb, valid=valid), interpolation="nearest")
-    ax_rgb.set_title(f"S2 RGB ({'/'.join(rgb)})")
+    fig = Figure(figsize=(20 if votes is not None else 16, 4.8), layout="constrained")
+    axes = list(fig.subplots(1, 5 if votes is not None else 4))
+    ax_rgb, ax_index, ax_label, ax_pred = axes[:4]
+    ax_rgb.imshow(rgb_composite(image, names, rgb_names, valid=valid), interpolation="nearest")  # type: ignore[arg-type]
+    ax_rgb.set_title(f"RGB ({'/'.join(rgb_names)})")
 
-    ax_index.imshow(np.where(valid, index, 0.0), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
-    _overlay(ax_index, water, WATER_BLUE)
-    ax_index.set_title(f"MNDWI > {water_threshold:g}: water {_percent(water, scored):.1%}")
+    if index_values is not None:
+        water = scored & (index_values > water_threshold)
+        ax_index.imshow(np.where(valid, index_values, 0.0), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+        _overlay(ax_index, water, WATER_BLUE)
+        name = index_label(index, green, swir, nir).split(" (")[0]
+        ax_index.set_title(f"{name} > {water_threshold:g}: {_percent(water, scored):.1%}")
+    elif prediction_prob is not None:
+        shown = np.where(valid, np.nan_to_num(planes["prediction_prob"], nan=0.0), 0.0)
+        ax_index.imshow(shown, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax_index.set_title("Model probability")
+    else:
+        ax_index.imshow(np.zeros(shape), cmap=_MASK_CMAP, vmin=0, vmax=1)
+        ax_index.set_title("No index, no model")
 
     ax_label.imshow(positive.astype(np.uint8), cmap=_MASK_CMAP, vmin=0, vmax=1, interpolation="nearest")
     _overlay(ax_label, valid & (label == IGNORE_INDEX), IGNORE_GREY)
@@ -93,7 +122,13 @@ def four_panel(
         ax_pred.imshow(predicted.astype(np.uint8), cmap=_MASK_CMAP, vmin=0, vmax=1, interpolation="nearest")
         ax_pred.set_title(f"Prediction ≥ {threshold:g}: {_percent(predicted, scored):.1%}")
 
-    for ax in (ax_rgb, ax_index, ax_label, ax_pred):
+    if votes is not None:
+        top = max(int(n_annotators), int(np.max(planes["votes"])) if planes["votes"].size else 1, 1)
+        shown_votes = axes[4].imshow(planes["votes"], cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+        fig.colorbar(shown_votes, ax=axes[4], shrink=0.8)
+        axes[4].set_title(f"Annotator votes (of {top})")
+
+    for ax in axes:
         _overlay(ax, ~valid, INVALID_GREY)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -8,6 +8,7 @@ injected label noise are known, `top_k_scores` measures how many of them the top
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
@@ -17,14 +18,25 @@ from tqdm.auto import tqdm
 
 from workbench.data.agreement import (
     AGREEMENT_COLUMNS,
+    ChipMasks,
     ReviewInputError,
     agreement_from_masks,
+    index_plane,
     prepare_masks,
     require_columns,
 )
 from workbench.functional import precision, recall
+from workbench.indices import expression_bands
 from workbench.params import ReviewParams
-from workbench.review.signals import SCORE_COLUMNS, ReviewChip, noise_terms_from_masks
+from workbench.review.annotators import vote_signals
+from workbench.review.signals import (
+    SCORE_COLUMNS,
+    SIGNAL_COLUMNS,
+    ReviewChip,
+    cleanlab_quality,
+    combined_score,
+    noise_terms_from_masks,
+)
 
 
 def _as_review_chip(item: ReviewChip | Mapping[str, Any]) -> ReviewChip:
@@ -41,6 +53,8 @@ def _as_review_chip(item: ReviewChip | Mapping[str, Any]) -> ReviewChip:
             valid=item["valid"],
             prob=item.get("prob"),
             row=item.get("row", {}),
+            votes=item.get("votes"),
+            n_annotators=int(item.get("n_annotators", 0)),
         )
     raise ReviewInputError(f"review input must be a ReviewChip or a mapping, got {type(item).__name__}")
 
@@ -49,13 +63,20 @@ def review_row(
     chip: ReviewChip,
     cfg: ReviewParams,
     threshold: float = 0.5,
-    confident_weight: float = 1.0,
+    confident_weight: float | None = None,
     confidence: float = 0.9,
     smooth_pixels: float = 8.0,
     green: str = "B03",
     swir: str = "B11",
+    masks_out: list[ChipMasks] | None = None,
 ) -> dict[str, Any]:
-    """One review-table row: the catalog row, the agreement columns and the score terms of one chip."""
+    """One review-table row: the catalog row, the agreement columns, the score terms and vote signals of one chip.
+
+    The index compared with the label is `cfg.index` (see `workbench.data.agreement.index_plane`).
+    """
+    index = (
+        None if cfg.index == "none" else index_plane(chip.image, chip.band_names, cfg.index, green, swir, cfg.nir_band)
+    )
     masks = prepare_masks(
         chip.image,
         chip.band_names,
@@ -67,10 +88,19 @@ def review_row(
         green,
         swir,
         chip_id=chip.chip_id,
+        index_values=index,
+        use_index=cfg.index != "none",
     )
+    weight = cfg.confident_weight if confident_weight is None else confident_weight
     row = {key: value for key, value in dict(chip.row).items() if np.ndim(value) == 0}
     row.update(agreement_from_masks(masks, cfg))
-    row.update(noise_terms_from_masks(masks, cfg, confident_weight, confidence, smooth_pixels))
+    row.update(noise_terms_from_masks(masks, cfg, weight, confidence, smooth_pixels))
+    if chip.votes is not None:
+        if chip.n_annotators < 1:
+            raise ReviewInputError(f"chip {chip.chip_id!r}: a votes plane needs n_annotators >= 1")
+        row.update(vote_signals(chip.votes, chip.n_annotators, chip.valid))
+    if masks_out is not None:
+        masks_out.append(masks)
     return row
 
 
@@ -80,32 +110,75 @@ def rank_by_score(table: pd.DataFrame) -> pd.Series:
     return ranks.astype("int64")
 
 
+def _cleanlab_batch(masks: list[ChipMasks]) -> list[float]:
+    """cleanlab quality of a batch of chips (NaN for chips without a model probability)."""
+    with_prob = [i for i, m in enumerate(masks) if m.prob is not None]
+    out = [math.nan] * len(masks)
+    if not with_prob:
+        return out
+    shapes = {masks[i].label.shape for i in with_prob}
+    groups = {shape: [i for i in with_prob if masks[i].label.shape == shape] for shape in shapes}
+    for members in groups.values():
+        labels = np.stack([masks[i].label for i in members])
+        probs = np.stack([masks[i].prob for i in members])  # type: ignore[misc]
+        scored = np.stack([masks[i].scored for i in members])
+        for i, quality in zip(members, cleanlab_quality(labels, probs, scored), strict=True):
+            out[i] = float(quality)
+    return out
+
+
+def order_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The review table sorted by rank with rank, chip_id, score and the signals first."""
+    first = [c for c in ["rank", "chip_id", "score", *SIGNAL_COLUMNS, "scored_by", "split", "region"] if c in table]
+    rest = [c for c in table.columns if c not in first]
+    return table.sort_values("rank", kind="stable")[first + rest].reset_index(drop=True)
+
+
 def review_table(
     chips: Iterable[ReviewChip | Mapping[str, Any]],
     cfg: ReviewParams | None = None,
     threshold: float = 0.5,
-    confident_weight: float = 1.0,
+    confident_weight: float | None = None,
     confidence: float = 0.9,
     smooth_pixels: float = 8.0,
     green: str = "B03",
     swir: str = "B11",
     progress: bool = True,
+    cleanlab: bool = True,
 ) -> pd.DataFrame:
-    """Score chips one at a time (bounded memory) into a table with one row per chip, in input order.
+    """Score chips batch by batch (bounded memory) into a table with one row per chip, in input order.
 
-    Columns: the catalog row's scalar fields (chip_id, region, year, lat, lon, split, noisy, ...), the
-    `chip_agreement` columns, the `noise_score` terms, `score` and `rank` (1 = most suspicious).
+    Columns: the catalog row's scalar fields (chip_id, region, year, lat, lon, split, noisy, scored_by, ...),
+    the `chip_agreement` columns, the `noise_terms` terms, `cleanlab_quality` (chips with a model
+    probability, `cfg.batch_size` chips per cleanlab call), `vote_entropy` and `contested_share` (chips with
+    a votes plane), `score` (`workbench.review.signals.combined_score`) and `rank` (1 = most suspicious).
+    Use `order_columns` for the ranking view.
     """
     cfg = cfg or ReviewParams()
+    if confident_weight is not None:
+        cfg = cfg.model_copy(update={"confident_weight": confident_weight})
+    if cfg.index not in ("mndwi", "ndwi", "none"):
+        expression_bands(cfg.index)  # a clear error before the first chip
     total = len(chips) if isinstance(chips, Sized) else None
-    rows = [
-        review_row(_as_review_chip(item), cfg, threshold, confident_weight, confidence, smooth_pixels, green, swir)
-        for item in tqdm(chips, total=total, desc="label review", unit="chip", disable=not progress)
-    ]
+    rows: list[dict[str, Any]] = []
+    batch: list[ChipMasks] = []
+    start = 0
+    for item in tqdm(chips, total=total, desc="label review", unit="chip", disable=not progress):
+        rows.append(
+            review_row(_as_review_chip(item), cfg, threshold, None, confidence, smooth_pixels, green, swir, batch)
+        )
+        if len(batch) >= cfg.batch_size:
+            for offset, quality in enumerate(_cleanlab_batch(batch) if cleanlab else [math.nan] * len(batch)):
+                rows[start + offset]["cleanlab_quality"] = quality
+            start, batch = len(rows), []
+    if batch:
+        for offset, quality in enumerate(_cleanlab_batch(batch) if cleanlab else [math.nan] * len(batch)):
+            rows[start + offset]["cleanlab_quality"] = quality
     if not rows:
-        return pd.DataFrame(columns=["chip_id", *AGREEMENT_COLUMNS, *SCORE_COLUMNS, "rank"])
+        return pd.DataFrame(columns=["chip_id", *AGREEMENT_COLUMNS, *SCORE_COLUMNS, "cleanlab_quality", "rank"])
     table = pd.DataFrame(rows)
     table["prefilter_keep"] = table["prefilter_keep"].astype(bool)
+    table["score"] = combined_score(table, cfg)
     table["rank"] = rank_by_score(table)
     return table
 
@@ -125,6 +198,8 @@ def iter_store_chips(
     coords = {name: ds[name].values for name in ds["chip"].coords if name != "chip"}
     if probabilities is not None and not isinstance(probabilities, Mapping) and len(probabilities) != len(chip_ids):
         raise ReviewInputError(f"probabilities hold {len(probabilities)} chips but the store has {len(chip_ids)}")
+    has_votes = "votes" in ds
+    n_annotators = int(ds.attrs.get("n_annotators", 0)) if has_votes else 0
     for position, chip_id in enumerate(chip_ids):
         row = {name: _scalar(values[position]) for name, values in coords.items()}
         row["chip_id"] = chip_id
@@ -144,6 +219,8 @@ def iter_store_chips(
             valid=chip["valid"].values.astype(bool),
             prob=None if prob is None else np.asarray(prob),
             row=row,
+            votes=chip["votes"].values if has_votes else None,
+            n_annotators=n_annotators,
         )
 
 

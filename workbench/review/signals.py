@@ -19,6 +19,14 @@ from workbench.data.agreement import ChipMasks, mask_iou, prepare_masks
 from workbench.params import ReviewParams
 
 SCORE_COLUMNS = ["model_disagreement", "index_disagreement", "confident_error", "score"]
+SIGNAL_COLUMNS = [
+    "model_disagreement",
+    "confident_error",
+    "cleanlab_quality",
+    "index_disagreement",
+    "vote_entropy",
+    "contested_share",
+]
 
 
 @dataclass
@@ -31,6 +39,8 @@ class ReviewChip:
     valid: np.ndarray  # (H, W) bool, False = nodata
     prob: np.ndarray | None = None  # (H, W) model water probability, out-of-sample where possible
     row: Mapping[str, Any] = field(default_factory=dict)  # chip_id, region, year, lat, lon, split, [noisy]
+    votes: np.ndarray | None = None  # (H, W) annotator vote counts of multi-annotator stores
+    n_annotators: int = 0
 
     @property
     def chip_id(self) -> str:
@@ -42,22 +52,28 @@ def noise_terms_from_masks(
 ) -> dict[str, float]:
     """The `noise_terms` of one chip from its prepared masks."""
     if masks.pred is None or masks.prob is None:
-        index_disagreement = 1.0 - mask_iou(masks.label, masks.water, smooth_pixels)
+        if not masks.has_index:
+            index_disagreement = math.nan
+        else:
+            index_disagreement = 1.0 - mask_iou(masks.label, masks.water, smooth_pixels)
         return {
             "model_disagreement": math.nan,
             "index_disagreement": index_disagreement,
             "confident_error": math.nan,
-            "score": cfg.index_weight * index_disagreement,
+            "score": cfg.index_weight * index_disagreement if masks.has_index else 0.0,
         }
     model_disagreement = 1.0 - mask_iou(masks.label, masks.pred, smooth_pixels)
-    agree = masks.scored & (masks.pred == masks.water)
-    index_disagreement = 1.0 - mask_iou(masks.label & agree, masks.water & agree, smooth_pixels)
+    if masks.has_index:
+        agree = masks.scored & (masks.pred == masks.water)
+        index_disagreement = 1.0 - mask_iou(masks.label & agree, masks.water & agree, smooth_pixels)
+    else:
+        index_disagreement = math.nan
     confident = masks.scored & ((masks.prob > confidence) | (masks.prob < 1.0 - confidence))
     errors = np.abs(masks.prob[confident] - masks.label[confident])
     confident_error = float(errors.mean()) if errors.size else 0.0
     score = (
         cfg.model_weight * model_disagreement
-        + cfg.index_weight * index_disagreement
+        + (cfg.index_weight * index_disagreement if masks.has_index else 0.0)
         + confident_weight * confident_error
     )
     return {
@@ -124,3 +140,51 @@ def noise_score(
         image, band_names, label, valid, prob, cfg, threshold, confident_weight, confidence, smooth_pixels, green, swir
     )
     return terms["score"]
+
+
+def cleanlab_quality(labels: np.ndarray, probs: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """cleanlab's per-chip label-quality score (0..1, lower = more likely mislabelled) for a batch of chips.
+
+    `labels` (N, H, W) 0/1, `probs` (N, H, W) foreground probability, `scored` (N, H, W) bool. The binary
+    probability becomes cleanlab's two-class `pred_probs` (N, 2, H, W) and
+    `cleanlab.segmentation.rank.get_label_quality_scores(method="softmin")` scores each chip on its own, so
+    scoring batch by batch gives the same numbers as scoring everything at once while memory stays bounded.
+    Unscored pixels (nodata, unlabelled) take the model's own class, so they never look like label issues.
+    """
+    from cleanlab.segmentation.rank import get_label_quality_scores
+
+    labels = np.asarray(labels)
+    probs = np.clip(np.asarray(probs, dtype=np.float32), 0.0, 1.0)
+    scored = np.asarray(scored, dtype=bool)
+    if labels.shape != probs.shape or labels.shape != scored.shape or labels.ndim != 3:
+        raise ValueError(
+            f"labels {labels.shape}, probs {probs.shape} and scored {scored.shape} must be equal (N, H, W)"
+        )
+    given = np.where(scored, labels > 0, probs >= 0.5).astype(np.int64)
+    pred_probs = np.stack([1.0 - probs, probs], axis=1)
+    scores, _ = get_label_quality_scores(given, pred_probs, method="softmin", verbose=False)
+    return np.asarray(scores, dtype=np.float64)
+
+
+def combined_score(table: Any, cfg: ReviewParams) -> Any:
+    """The one suspicion score of the review table (higher = review first).
+
+    ``score = model_weight * model_disagreement + index_weight * index_disagreement
+    + confident_weight * confident_error + cleanlab_weight * (1 - cleanlab_quality)
+    + votes_weight * contested_share``; a signal that a chip lacks (no model, no index, no votes) adds 0.
+    """
+    import pandas as pd
+
+    def term(column: str) -> Any:
+        if column not in table:
+            return pd.Series(0.0, index=table.index)
+        return pd.to_numeric(table[column], errors="coerce").fillna(0.0)
+
+    cleanlab_issue = (1.0 - table["cleanlab_quality"]).fillna(0.0) if "cleanlab_quality" in table else term("_none")
+    return (
+        cfg.model_weight * term("model_disagreement")
+        + cfg.index_weight * term("index_disagreement")
+        + cfg.confident_weight * term("confident_error")
+        + cfg.cleanlab_weight * cleanlab_issue
+        + cfg.votes_weight * term("contested_share")
+    )

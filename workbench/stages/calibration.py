@@ -113,7 +113,9 @@ def _tta(params: Params, run_dir: Path, prepared: Any, temperature: float, thres
     split = "val" if (prepared.catalog["split"] == "val").any() else params.calibrate.split
     positions = np.flatnonzero(prepared.catalog["split"].to_numpy() == split)
     bundle = load_bundle(RunLayout(run_dir).model)
-    dataset = ChipDataset(prepared.store, positions, bands=bundle.bands, normalizer=bundle.normalization)
+    dataset = ChipDataset(
+        prepared.store, positions, bands=bundle.bands, normalizer=bundle.normalization, corrections=prepared.corrections
+    )
     table = tta_comparison(
         bundle.model,
         dataset,
@@ -138,7 +140,7 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
     layout = RunLayout(run_dir)
     layout.check_params(params)
     cfg, bins = params.calibrate, params.evaluate.histogram_bins
-    prepared = load_prepared(run_dir, params.data)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
     result = StageResult()
     diagnostics = layout.diagnostics
 

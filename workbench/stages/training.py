@@ -11,7 +11,7 @@ import pandas as pd
 from workbench.arrays import sigmoid
 from workbench.data.dataset import ChipDataset
 from workbench.data.prepare import load_prepared
-from workbench.evaluate.chips import iter_split_chips, per_chip_table, pooled_metrics
+from workbench.evaluate.chips import iter_split_chips, label_corrected_table, per_chip_table, pooled_metrics
 from workbench.figures import pick_gallery_chips, prediction_gallery, training_curves
 from workbench.infer.chips import load_predictions, write_predictions
 from workbench.io import write_parquet_atomic, write_text_atomic
@@ -19,7 +19,7 @@ from workbench.params import Params
 from workbench.run import TRAINING, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 from workbench.train.card import model_card, sampler_composition, split_summary
-from workbench.train.crossfit import out_of_fold_predictions
+from workbench.train.crossfit import out_of_fold_predictions, use_out_of_fold
 from workbench.train.fit import train_model
 from workbench.train.log import divergence_warnings
 
@@ -27,11 +27,12 @@ from workbench.train.log import divergence_warnings
 def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, temperature: float = 1.0) -> Any:
     """Per-chip table and pooled metrics of one predicted split (written to diagnostics/)."""
 
-    prepared = load_prepared(run_dir, params.data)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
     table = per_chip_table(
         prepared.store,
         prepared.catalog,
         load_predictions(run_dir, split),
+        corrections=prepared.corrections if prepared.ledger is not None else None,
         threshold=threshold,
         temperature=temperature,
         bands=prepared.bands,
@@ -40,6 +41,16 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
         water_threshold=params.review.water_index_threshold,
     )
     write_parquet_atomic(RunLayout(run_dir).per_chip(split), table)
+    if "dropped" in table and prepared.ledger is not None:
+        corrected = label_corrected_table(table)
+        path = RunLayout(run_dir).label_corrected
+        earlier = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=corrected.columns)
+        both = pd.concat([earlier[earlier["split"] != split], corrected.assign(split=split)], ignore_index=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, both.to_csv(index=False))
+        pooled = pooled_metrics(table[~table["dropped"]])
+        raw = pooled_metrics(table.assign(**{c: table[f"{c}_raw"] for c in ("tp", "fp", "fn", "tn")}))
+        return table, {**pooled, "iou_raw": raw["iou"], "n_dropped": int(table["dropped"].sum())}
     return table, pooled_metrics(table)
 
 
@@ -61,7 +72,7 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
 
     run_dir = Path(run_dir)
     RunLayout(run_dir).check_params(params)
-    prepared = load_prepared(run_dir, params.data)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
     result = StageResult()
     result.tables["split_summary"] = split_summary(prepared.catalog, params.data.sampler.positive_threshold)
     result.tables["sampler_composition"] = sampler_composition(params, prepared.catalog)
@@ -72,13 +83,17 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     model = trained.task.model.eval()
     normalizer = trained.datamodule.normalizer
     for split in prediction_splits(params):
-        positions = np.flatnonzero(prepared.catalog["split"].to_numpy() == split)
+        # chips dropped by the review ledger are still predicted, for the raw-label metrics beside the corrected
+        positions = np.flatnonzero(prepared.catalog["review_split"].to_numpy() == split)
         if positions.size == 0:
             continue
-        dataset = ChipDataset(prepared.store, positions, bands=prepared.bands, normalizer=normalizer)
+        dataset = ChipDataset(
+            prepared.store, positions, bands=prepared.bands, normalizer=normalizer, corrections=prepared.corrections
+        )
         write_predictions(run_dir, split, model, dataset, params.data.batch_size, tta=params.evaluate.tta)
     metrics = dict(trained.metrics)
-    if params.review.out_of_fold and "train" in params.review.splits:
+
+    if use_out_of_fold(params, prepared.catalog):
         metrics.update(out_of_fold_predictions(params, prepared, run_dir, "train"))
     for split in ("val", "test"):
         table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
@@ -106,7 +121,7 @@ def validation_gallery(params: Params, run_dir: Path, per_chip_val: pd.DataFrame
     chosen = pick_gallery_chips(per_chip_val, n)
     if not chosen:
         return None
-    prepared = load_prepared(run_dir, params.data)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
     rgb = params.data.rgb_bands
     if not set(rgb) <= set(prepared.bands):
         rgb = tuple(prepared.bands[i % len(prepared.bands)] for i in range(3))  # type: ignore[assignment]

@@ -105,7 +105,11 @@ def out_of_fold_predictions(
         if not saved.exists():
             trained = fit(settings, fold_data(prepared, heldout), fold_dir)
             dataset = ChipDataset(
-                prepared.store, heldout, bands=prepared.bands, normalizer=trained.datamodule.normalizer
+                prepared.store,
+                heldout,
+                bands=prepared.bands,
+                normalizer=trained.datamodule.normalizer,
+                corrections=prepared.corrections,
             )
             model = trained.task.model.eval()
             fold_indices, fold_logits = collect_logits(model, dataset, params.data.batch_size, params.evaluate.tta)
@@ -133,3 +137,22 @@ def out_of_fold_predictions(
         "oof.max_chips_per_fold": max(counts),
         "oof.seconds": time.perf_counter() - started,
     }
+
+
+def use_out_of_fold(params: Params, catalog: Any) -> bool:
+    """Whether train chips are scored out of fold: `review.out_of_fold`, or by default (null) when the train
+    split is reviewed and holds at least 2 x `data.split.n_folds` spatial blocks of `data.split.block_deg`."""
+    cfg = params.review
+    if cfg.out_of_fold is not None:
+        return bool(cfg.out_of_fold) and "train" in cfg.splits
+    if "train" not in cfg.splits:
+        return False
+    train = catalog[catalog["split"].to_numpy() == "train"]
+    if len(train) == 0:
+        return False
+    size = params.data.split.block_deg
+    blocks = {
+        (int(np.floor(lat / size)), int(np.floor(lon / size)))
+        for lat, lon in zip(train["lat"], train["lon"], strict=True)
+    }
+    return len(blocks) >= 2 * params.data.split.n_folds

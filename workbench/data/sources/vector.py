@@ -119,6 +119,11 @@ def read_vector(
 
     name = stack.paths[0].stem
     chips = stack_chips(stack, label_fn, name, chip_size, stride, "vector", str(stack.paths[0]), region, year, split)
-    attrs = {"annotators": [str(p) for p in files], "n_annotators": len(files), "min_votes": threshold}
+    attrs = {
+        "annotators": [str(p.resolve()) for p in files],
+        "n_annotators": len(files),
+        "min_votes": threshold,
+        "images": [str(p.resolve()) for p in stack.paths],
+    }
     total = len(resolve_tiling(stack.height, stack.width, chip_size, stride))
     return Source(bands=band_table(stack, band_names, modality, optical), chips=chips, total=total, attrs=attrs)

@@ -1,0 +1,187 @@
+"""What the review map draws, without any map library: chip footprints, label-noise images, a standalone HTML map.
+
+* `chip_footprints`: each chip's square footprint as a lon/lat polygon, from its centre, its size in
+  pixels and the pixel size (metres), or from the catalog's own bounds (`x_min`, `y_min`, `x_max`, `y_max`
+  in the CRS named by `crs`) where the store has them;
+* `noise_image`: the label-noise layer of one chip, an RGBA image where label and prediction disagree
+  (missed pixels, labelled but not predicted, in orange; extra pixels, predicted but not labelled, in
+  magenta), and `png_data_url` to inline it;
+* `score_colour`: the colour of a score on the ranking's scale;
+* `review_map_html`: one self-contained HTML file (inline SVG, CSS and a few lines of script, no CDN or
+  network) with the footprints coloured by score, hover titles with chip id and score, the noise images
+  as a layer, layer check boxes that toggle, and a side panel that shows a clicked chip's figure.
+
+The interactive map of notebook 04 (`workbench.review.widget`) draws the same footprints and images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MISSED_RGBA = (255, 140, 0, 200)  # labelled, not predicted
+EXTRA_RGBA = (220, 0, 220, 200)  # predicted, not labelled
+METRES_PER_DEGREE = 111_320.0
+
+
+def chip_footprints(
+    catalog: pd.DataFrame, chip_size: int, pixel_size_m: float = 10.0
+) -> list[list[tuple[float, float]]]:
+    """Footprint of each catalog row as a closed ring of (lon, lat) corners.
+
+    With columns x_min, y_min, x_max, y_max and crs (the chip's own CRS) the corners are reprojected to
+    lon/lat; otherwise a square of chip_size x pixel_size_m metres around the chip's centre.
+    """
+    bounds = {"x_min", "y_min", "x_max", "y_max", "crs"} <= set(catalog.columns)
+    rings: list[list[tuple[float, float]]] = []
+    transformers: dict[str, Any] = {}
+    for _, row in catalog.iterrows():
+        if bounds and isinstance(row["crs"], str) and row["crs"]:
+            from pyproj import Transformer
+
+            crs = str(row["crs"])
+            if crs not in transformers:
+                transformers[crs] = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+            corners = [
+                (row["x_min"], row["y_min"]),
+                (row["x_max"], row["y_min"]),
+                (row["x_max"], row["y_max"]),
+                (row["x_min"], row["y_max"]),
+            ]
+            ring = [tuple(float(v) for v in transformers[crs].transform(x, y)) for x, y in corners]
+        else:
+            half = chip_size * pixel_size_m / 2.0
+            lat, lon = float(row["lat"]), float(row["lon"])
+            dlat = half / METRES_PER_DEGREE
+            dlon = half / (METRES_PER_DEGREE * max(math.cos(math.radians(lat)), 1e-6))
+            ring = [
+                (lon - dlon, lat - dlat),
+                (lon + dlon, lat - dlat),
+                (lon + dlon, lat + dlat),
+                (lon - dlon, lat + dlat),
+            ]
+        rings.append([*ring, ring[0]])  # type: ignore[list-item]
+    return rings
+
+
+def noise_image(label: np.ndarray, prob: np.ndarray, valid: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA: missed pixels orange, extra pixels magenta, everything else transparent."""
+    label = np.asarray(label)
+    valid = np.asarray(valid, dtype=bool)
+    positive = valid & (label > 0) & (label != 255)
+    predicted = valid & (np.nan_to_num(np.asarray(prob, dtype=np.float64)) >= threshold) & (label != 255)
+    out = np.zeros((*label.shape, 4), dtype=np.uint8)
+    out[positive & ~predicted] = MISSED_RGBA
+    out[predicted & ~positive] = EXTRA_RGBA
+    return out
+
+
+def png_data_url(rgba: np.ndarray) -> str:
+    """A PNG `data:` URL of an RGBA (or RGB) uint8 image, for maps that must work offline."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(rgba, dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def score_colour(score: float, low: float, high: float) -> str:
+    """Hex colour of `score` on a yellow (low) to red (high) scale between `low` and `high`."""
+    if not math.isfinite(score):
+        return "#888888"
+    t = 0.0 if high <= low else min(max((score - low) / (high - low), 0.0), 1.0)
+    red, green, blue = 255, round(230 * (1 - t) + 20 * t), round(80 * (1 - t))
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+def review_map_html(
+    table: pd.DataFrame,
+    footprints: list[list[tuple[float, float]]],
+    overlays: Mapping[str, str] | None = None,
+    figures: Mapping[str, str] | None = None,
+    title: str = "Label-noise review",
+    width: int = 900,
+    height: int = 640,
+) -> str:
+    """A standalone HTML review map (no network): footprints coloured by score, noise layer, side panel.
+
+    `table` is the ranking (chip_id, score, rank, ...), aligned with `footprints`; `overlays` maps chip ids
+    to PNG data URLs of their noise images and `figures` to data URLs of their four-panel figures.
+    """
+    overlays = overlays or {}
+    figures = figures or {}
+    if len(table) != len(footprints):
+        raise ValueError(f"{len(table)} table rows but {len(footprints)} footprints")
+    points = np.array([point for ring in footprints for point in ring], dtype=np.float64).reshape(-1, 2)
+    lon_min, lat_min = points.min(axis=0) if len(points) else (0.0, 0.0)
+    lon_max, lat_max = points.max(axis=0) if len(points) else (1.0, 1.0)
+    mid = math.cos(math.radians((lat_min + lat_max) / 2))
+    span_x = max((lon_max - lon_min) * mid, 1e-9)
+    span_y = max(lat_max - lat_min, 1e-9)
+    scale = min((width - 20) / span_x, (height - 20) / span_y)
+
+    def xy(lon: float, lat: float) -> tuple[float, float]:
+        return 10 + (lon - lon_min) * mid * scale, height - 10 - (lat - lat_min) * scale
+
+    scores = pd.to_numeric(table["score"], errors="coerce").to_numpy(dtype=np.float64)
+    finite = scores[np.isfinite(scores)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    polygons, images = [], []
+    for (_, row), ring in zip(table.iterrows(), footprints, strict=True):
+        chip_id = html.escape(str(row["chip_id"]), quote=True)
+        score = float(row["score"]) if pd.notna(row["score"]) else math.nan
+        rank = int(row["rank"]) if "rank" in row and pd.notna(row["rank"]) else 0
+        corners = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(*point) for point in ring))
+        polygons.append(
+            f'<polygon class="chip" data-chip="{chip_id}" data-rank="{rank}" data-score="{score:.4f}" '
+            f'points="{corners}" fill="{score_colour(score, low, high)}">'
+            f"<title>{chip_id} · rank {rank} · score {score:.3f}</title></polygon>"
+        )
+        if str(row["chip_id"]) in overlays:
+            xs = [xy(*point)[0] for point in ring]
+            ys = [xy(*point)[1] for point in ring]
+            images.append(
+                f'<image href="{overlays[str(row["chip_id"])]}" x="{min(xs):.1f}" y="{min(ys):.1f}" '
+                f'width="{max(xs) - min(xs):.1f}" height="{max(ys) - min(ys):.1f}" preserveAspectRatio="none" '
+                'style="image-rendering:pixelated"/>'
+            )
+    figure_json = "{" + ",".join(f'"{html.escape(k, quote=True)}":"{v}"' for k, v in figures.items()) + "}"
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body{{font-family:sans-serif;margin:0;display:flex}} #map{{flex:0 0 auto}} #side{{padding:8px;max-width:700px}}
+.chip{{stroke:#222;stroke-width:0.8;fill-opacity:0.75;cursor:pointer}} .chip:hover{{stroke-width:2.5}}
+#side img{{max-width:100%}} .legend span{{display:inline-block;width:12px;height:12px;margin:0 4px}}
+</style></head><body>
+<div id="map"><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" style="background:#f4f4f0">
+<g id="layer-footprints">{"".join(polygons)}</g>
+<g id="layer-noise" style="pointer-events:none">{"".join(images)}</g></svg></div>
+<div id="side"><h3>{html.escape(title)}</h3>
+<label><input type="checkbox" checked onchange="toggle('layer-footprints',this.checked)">
+chip footprints (by score)</label><br>
+<label><input type="checkbox" checked onchange="toggle('layer-noise',this.checked)"> label noise</label>
+<div class="legend"><span style="background:rgb{MISSED_RGBA[:3]}"></span>missed (label, no prediction)
+<span style="background:rgb{EXTRA_RGBA[:3]}"></span>extra (prediction, no label);
+footprints yellow (low score) to red (high)</div>
+<div id="chip">Click a chip to see its panels.</div></div>
+<script>
+var figures = {figure_json};
+function toggle(id, on) {{ document.getElementById(id).style.display = on ? '' : 'none'; }}
+document.querySelectorAll('.chip').forEach(function(p) {{
+  p.addEventListener('click', function() {{
+    var id = p.getAttribute('data-chip');
+    var text = '<h4>' + id + ' · rank ' + p.getAttribute('data-rank') +
+      ' · score ' + p.getAttribute('data-score') + '</h4>';
+    var figure = figures[id] ? '<img src="' + figures[id] + '">' : '(no figure)';
+    document.getElementById('chip').innerHTML = text + figure;
+  }});
+}});
+</script></body></html>
+"""

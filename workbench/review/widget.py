@@ -1,0 +1,314 @@
+"""The review map of notebook 04: a leafmap (ipyleaflet) map with decision buttons over the ranked chips.
+
+The only review module that imports ipywidgets, ipyleaflet and leafmap (and only when a widget is built).
+
+* `ReviewSession` is the logic without any widget: the ranking, the current chip, next / previous, and
+  `decide`, which writes one line to the store's ledger (`workbench.data.ledger.Ledger`) and reports an
+  error instead of losing the decision: a decision that could not be written stays pending and is
+  written by the next successful `decide` or `retry`. "fix" takes the model's mask of the chip (from
+  `model_mask`) as the corrected label.
+* `ReviewWidget` shows it: chip footprints coloured by score (hover: chip id and score; click: select the
+  chip and show its panels in the side panel), the chip's label-noise image as an image overlay from an
+  inline PNG (works offline), check boxes that add and remove the layers, next / previous buttons,
+  keep / drop / fix / unsure buttons, a note and the reviewer's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workbench.data.ledger import DECISIONS, Ledger, LedgerError
+
+
+@dataclass
+class Pending:
+    """A decision not yet in the ledger (the last write failed)."""
+
+    chip_id: str
+    decision: str
+    note: str
+    reviewer: str
+    corrected: np.ndarray | None = None
+
+
+@dataclass
+class ReviewSession:
+    """Walk through the ranking and record decisions in a ledger (no widgets involved)."""
+
+    table: pd.DataFrame  # the ranking: chip_id, score, rank, ...
+    ledger: Ledger
+    model_mask: Callable[[str], np.ndarray] | None = None  # chip id -> the model's 0/1 mask, for "fix"
+    position: int = 0
+    pending: list[Pending] = field(default_factory=list)
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        self.table = self.table.sort_values("rank", kind="stable").reset_index(drop=True)
+        if self.table.empty:
+            raise ValueError("the ranking is empty; there is nothing to review")
+
+    @property
+    def chip_id(self) -> str:
+        """The chip under review."""
+        return str(self.table["chip_id"].iloc[self.position])
+
+    def row(self) -> pd.Series:
+        """The ranking row of the chip under review."""
+        return self.table.iloc[self.position]
+
+    def next(self) -> str:
+        """Move to the next chip of the ranking (stays at the last)."""
+        self.position = min(self.position + 1, len(self.table) - 1)
+        return self.chip_id
+
+    def previous(self) -> str:
+        """Move to the previous chip of the ranking (stays at the first)."""
+        self.position = max(self.position - 1, 0)
+        return self.chip_id
+
+    def select(self, chip_id: str) -> str:
+        """Jump to a chip of the ranking (e.g. clicked on the map)."""
+        matches = np.flatnonzero(self.table["chip_id"].astype(str).to_numpy() == str(chip_id))
+        if matches.size == 0:
+            raise KeyError(f"chip {chip_id!r} is not in the ranking")
+        self.position = int(matches[0])
+        return self.chip_id
+
+    def decide(self, decision: str, note: str = "", reviewer: str = "") -> bool:
+        """Record `decision` for the current chip; True when it (and any pending one) is in the ledger.
+
+        On an error (ledger read-only, locked, of another store, ...) the decision stays in `pending`,
+        `message` says why, and nothing is lost.
+        """
+        if decision not in DECISIONS:
+            self.message = f"unknown decision {decision!r}; use one of {DECISIONS}"
+            return False
+        corrected = None
+        if decision == "fix":
+            if self.model_mask is None:
+                self.message = "'fix' needs the model's mask, which this review does not have"
+                return False
+            corrected = (np.asarray(self.model_mask(self.chip_id)) > 0).astype(np.uint8)
+        self.pending.append(Pending(self.chip_id, decision, note, reviewer, corrected))
+        return self.retry()
+
+    def retry(self) -> bool:
+        """Write the pending decisions in order; stop at the first error (kept pending, `message` set)."""
+        while self.pending:
+            item = self.pending[0]
+            try:
+                self.ledger.record(item.chip_id, item.decision, item.note, item.reviewer, item.corrected)
+            except (LedgerError, OSError) as error:
+                self.message = f"not saved, still pending ({len(self.pending)}): {error}"
+                return False
+            self.pending.pop(0)
+            self.message = f"saved: {item.chip_id} → {item.decision}"
+        return True
+
+
+def footprint_geojson(table: pd.DataFrame, footprints: list[list[tuple[float, float]]]) -> dict[str, Any]:
+    """GeoJSON FeatureCollection of the chip footprints with chip_id, rank, score and a fill colour."""
+    from workbench.review.maps import score_colour
+
+    scores = pd.to_numeric(table["score"], errors="coerce")
+    low, high = float(scores.min()), float(scores.max())
+    features = []
+    for (_, row), ring in zip(table.iterrows(), footprints, strict=True):
+        score = float(row["score"])
+        features.append(
+            {
+                "type": "Feature",
+                "properties": {
+                    "chip_id": str(row["chip_id"]),
+                    "rank": int(row["rank"]),
+                    "score": score,
+                    "style": {
+                        "color": "#222222",
+                        "weight": 1,
+                        "fillColor": score_colour(score, low, high),
+                        "fillOpacity": 0.6,
+                    },
+                },
+                "geometry": {"type": "Polygon", "coordinates": [[list(point) for point in ring]]},
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+class ReviewWidget:
+    """The review map with its controls; `widget` is what the notebook displays."""
+
+    def __init__(
+        self,
+        session: ReviewSession,
+        footprints: list[list[tuple[float, float]]],
+        overlays: Mapping[str, str] | None = None,
+        panels: Callable[[str], Any] | None = None,
+        basemap: bool = False,
+        overlay_for: Callable[[str], str] | None = None,
+    ) -> None:
+        import ipyleaflet
+        import ipywidgets as widgets
+        import leafmap.leafmap as leafmap
+
+        self.session = session
+        self.footprints = {str(c): ring for c, ring in zip(session.table["chip_id"], footprints, strict=True)}
+        self.overlays = dict(overlays or {})
+        self.panels = panels
+        self.overlay_for = overlay_for  # chip id -> PNG data URL of its noise image, computed when first shown
+        points = np.array([p for ring in footprints for p in ring])
+        south, west, north, east = points[:, 1].min(), points[:, 0].min(), points[:, 1].max(), points[:, 0].max()
+        self.map = leafmap.Map(center=((south + north) / 2, (west + east) / 2), zoom=10, draw_control=False)
+        if not basemap:  # offline: no tile requests
+            self.map.layers = tuple(x for x in self.map.layers if not isinstance(x, ipyleaflet.TileLayer))
+        self.map.fit_bounds([[float(south), float(west)], [float(north), float(east)]])
+        self.footprint_layer = ipyleaflet.GeoJSON(
+            data=footprint_geojson(session.table, footprints),
+            hover_style={"weight": 3, "fillOpacity": 0.85},
+            name="chip footprints (score)",
+        )
+        self.footprint_layer.on_hover(self._hover)
+        self.footprint_layer.on_click(self._click)
+        self.noise_layer = ipyleaflet.ImageOverlay(url="", bounds=((0, 0), (0, 0)), name="label noise")
+        self.map.add(self.footprint_layer)
+        self.map.add(self.noise_layer)
+        self.hover = widgets.HTML("hover a chip")
+        self.status = widgets.HTML("")
+        self.title = widgets.HTML("")
+        self.side = widgets.Output(layout={"width": "520px"})
+        self.show_footprints = widgets.Checkbox(value=True, description="chip footprints")
+        self.show_noise = widgets.Checkbox(value=True, description="label noise")
+        self.show_footprints.observe(lambda change: self._toggle(self.footprint_layer, change["new"]), "value")
+        self.show_noise.observe(lambda change: self._toggle(self.noise_layer, change["new"]), "value")
+        self.note = widgets.Text(placeholder="note", description="note")
+        self.reviewer = widgets.Text(placeholder="your name", description="reviewer")
+        self.buttons = {name: widgets.Button(description=name) for name in DECISIONS}
+        for name, button in self.buttons.items():
+            button.on_click(lambda _, decision=name: self.decide(decision))
+        self.previous_button = widgets.Button(description="◀ previous")
+        self.next_button = widgets.Button(description="next ▶")
+        self.previous_button.on_click(lambda _: self.show(self.session.previous()))
+        self.next_button.on_click(lambda _: self.show(self.session.next()))
+        controls = widgets.VBox(
+            [
+                self.title,
+                widgets.HBox([self.previous_button, self.next_button]),
+                widgets.HBox(list(self.buttons.values())),
+                self.note,
+                self.reviewer,
+                self.status,
+                widgets.HBox([self.show_footprints, self.show_noise]),
+                self.hover,
+                self.side,
+            ]
+        )
+        self.widget = widgets.HBox([self.map, controls])
+        self.show(self.session.chip_id)
+
+    def _toggle(self, layer: Any, visible: bool) -> None:
+        """Show or hide a layer by adding it to or removing it from the map (ipyleaflet has no visibility flag)."""
+        others = [existing for existing in self.map.layers if existing is not layer]
+        self.map.layers = (*others, layer) if visible else tuple(others)
+
+    def _hover(self, feature: Mapping[str, Any] | None = None, **_: Any) -> None:
+        if feature:
+            props = feature["properties"]
+            self.hover.value = f"{props['chip_id']} · rank {props['rank']} · score {props['score']:.3f}"
+
+    def _click(self, feature: Mapping[str, Any] | None = None, **_: Any) -> None:
+        if feature:
+            self.show(self.session.select(feature["properties"]["chip_id"]))
+
+    def show(self, chip_id: str) -> None:
+        """Make `chip_id` the current chip: title, noise overlay on its footprint, panels in the side panel."""
+        row = self.session.row()
+        self.title.value = f"<b>{chip_id}</b> · rank {int(row['rank'])} · score {float(row['score']):.3f}"
+        ring = self.footprints[chip_id]
+        lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+        if chip_id not in self.overlays and self.overlay_for is not None:
+            self.overlays[chip_id] = self.overlay_for(chip_id)
+        if chip_id in self.overlays:
+            self.noise_layer.url = self.overlays[chip_id]
+            self.noise_layer.bounds = ((min(lats), min(lons)), (max(lats), max(lons)))
+        if self.panels is not None:
+            self.side.clear_output()
+            with self.side:
+                from IPython.display import display
+
+                display(self.panels(chip_id))
+
+    def decide(self, decision: str) -> bool:
+        """A decision button: record it for the current chip, show the outcome, move on when saved."""
+        saved = self.session.decide(decision, self.note.value, self.reviewer.value)
+        colour = "green" if saved else "red"
+        self.status.value = f'<span style="color:{colour}">{self.session.message}</span>'
+        if saved:
+            self.note.value = ""
+            self.show(self.session.next())
+        return saved
+
+
+def review_widget(params: Any, run_dir: Any, ranking: pd.DataFrame, basemap: bool = False) -> ReviewWidget:
+    """The review map of a run (notebook 04): its ranking, the store's ledger, the model's masks and panels."""
+    from pathlib import Path
+
+    from workbench.arrays import sigmoid
+    from workbench.data.dataset import ChipDataset
+    from workbench.data.prepare import load_prepared
+    from workbench.figures import chip_title, four_panel
+    from workbench.infer.chips import load_predictions
+    from workbench.io import read_json
+    from workbench.review.maps import chip_footprints, noise_image, png_data_url
+    from workbench.run import RunLayout
+
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
+    calibration = read_json(layout.calibration) if layout.calibration.is_file() else {}
+    temperature = float(calibration.get("temperature", 1.0))
+    threshold = float(calibration.get("threshold", params.evaluate.threshold))
+    table = ranking.sort_values("rank", kind="stable").reset_index(drop=True)
+    by_id = table.set_index("chip_id")
+    cache: dict[str, Any] = {}
+
+    def chip(chip_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        row: dict[str, Any] = dict(by_id.loc[chip_id])
+        source = str(row.get("scored_by", row["split"]))
+        if source not in cache:
+            cache[source] = load_predictions(run_dir, source)
+        predictions = cache[source]
+        index = int(row["store_index"])
+        position = int(np.flatnonzero(predictions["chip_index"].values == index)[0])
+        image, label, valid = ChipDataset(prepared.store, [index], bands=prepared.bands).read_raw(0)
+        logit = np.asarray(predictions["logit"][position].values, dtype=np.float32)
+        return image, label, valid, sigmoid(logit / temperature, np.float32)
+
+    def model_mask(chip_id: str) -> np.ndarray:
+        _, _, valid, prob = chip(chip_id)
+        return (valid & (prob >= threshold)).astype(np.uint8)
+
+    def overlay(chip_id: str) -> str:
+        _, label, valid, prob = chip(chip_id)
+        return png_data_url(noise_image(label, prob, valid, threshold))
+
+    def panels(chip_id: str) -> Any:
+        image, label, valid, prob = chip(chip_id)
+        row: dict[str, Any] = dict(by_id.loc[chip_id])
+        region, year = str(row.get("region", "")), int(row.get("year", 0))
+        title = chip_title(chip_id, region, year, float(row["lat"]), float(row["lon"]), float(row["score"]))
+        return four_panel(
+            image, prepared.bands, label, prob, valid, title,
+            water_threshold=params.review.water_index_threshold, threshold=threshold,
+            green=params.data.green_band, swir=params.data.swir_band, rgb=params.data.rgb_bands,
+            index=params.review.index, nir=params.review.nir_band,
+        )  # fmt: skip
+
+    ledger = Ledger.for_store(prepared.store, params.review.ledger)
+    session = ReviewSession(table, ledger, model_mask=model_mask)
+    size = int(ChipDataset(prepared.store, [0], bands=prepared.bands).read_raw(0)[1].shape[-1])
+    return ReviewWidget(session, chip_footprints(table, size), panels=panels, basemap=basemap, overlay_for=overlay)
