@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     run.add_argument("--seeds", type=int, nargs="+", help="run once per seed and summarise mean ± std")
-    run.add_argument("--notebooks", nargs="+", help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}")
+    run.add_argument(
+        "--notebooks", nargs="+", choices=NOTEBOOKS, help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
