@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from workbench.data.store import read_catalog, read_store_meta
-from workbench.io import write_parquet_atomic
+from workbench.io import read_json, write_json_atomic, write_parquet_atomic
 from workbench.params import DataParams
 from workbench.run import DATA_AUDIT, RunLayout
 
@@ -76,6 +76,7 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
             )
     layout = RunLayout(run_dir)
     layout.data.mkdir(parents=True, exist_ok=True)
+    record_store(store, run_dir)
     catalog_path = layout.catalog
     write_parquet_atomic(catalog_path, catalog)
     stats_path = layout.normalization_stats
@@ -103,4 +104,39 @@ def load_prepared(run_dir: Path, cfg: DataParams, root: Path | None = None) -> P
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; run the data audit stage ({DATA_AUDIT.notebook}) first")
     store = resolve_path(cfg.store, root)
+    check_store_unchanged(store, run_dir)
     return PreparedData(store, catalog_path, stats_path, pd.read_parquet(catalog_path), selected_bands(store, cfg))
+
+
+class StoreChangedError(RuntimeError):
+    """The chip store differs from the one the run started with."""
+
+
+def record_store(store: Path, run_dir: Path) -> Path:
+    """Write data/store.json: the store's path and content fingerprint when the run starts (after band checks)."""
+    from workbench.data.store import check_band_order, store_fingerprint
+
+    check_band_order(store)
+    record = {"path": str(store), "fingerprint": store_fingerprint(store)}
+    return write_json_atomic(RunLayout(run_dir).store_record, record)
+
+
+def check_store_unchanged(store: Path, run_dir: Path) -> None:
+    """Raise StoreChangedError when the store's fingerprint differs from the one recorded at the run's start.
+
+    A shared store regenerated or re-ingested by another run between two stages would otherwise be
+    trained or evaluated on silently, with splits and statistics computed on other data.
+    """
+    from workbench.data.store import store_fingerprint
+
+    record_path = RunLayout(run_dir).store_record
+    if not record_path.is_file():  # runs created before stores were recorded
+        return
+    record = read_json(record_path)
+    now = store_fingerprint(store)
+    if now != record.get("fingerprint"):
+        raise StoreChangedError(
+            f"the chip store {store} changed since this run started (fingerprint {record.get('fingerprint')} "
+            f"recorded in {record_path}, now {now}); another run or an ingest rewrote it. Start a new run, or "
+            "give each experiment its own data.store"
+        )
