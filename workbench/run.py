@@ -76,6 +76,7 @@ MODEL_DIR = "model"
 MODEL_FILE = "model.pt"
 CALIBRATION_FILE = "calibration.json"
 RUN_INFO_FILE = "run_info.json"
+CHECKSUMS_FILE = "checksums.json"  # in a model bundle: sha256 of each of its files
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # the name Lightning's ModelCheckpoint gives the resume point
 LOGS_DIR = "logs"

@@ -233,8 +233,12 @@ def _output_bytes(info: RasterInfo, classes: int) -> int:
     return int(info.height) * int(info.width) * (4 * classes + 1)
 
 
-def _resolve_bundle(model: str | Path | ModelBundle, build_model: BuildModel | None) -> ModelBundle:
-    return model if isinstance(model, ModelBundle) else load_bundle(model, build_model)
+def _resolve_bundle(
+    model: str | Path | ModelBundle, build_model: BuildModel | None, allow_uncalibrated: bool = False
+) -> ModelBundle:
+    if isinstance(model, ModelBundle):
+        return model
+    return load_bundle(model, build_model, require_calibration=not allow_uncalibrated)
 
 
 def predict_raster(
@@ -254,6 +258,7 @@ def predict_raster(
     model_memory_mb: float | None = None,
     build_model: BuildModel | None = None,
     progress: bool = True,
+    allow_uncalibrated: bool = False,
 ) -> PredictionResult:
     """Predict a georeferenced raster block by block into probability.tif, mask.tif and polygons.geojson.
 
@@ -262,10 +267,11 @@ def predict_raster(
     `memory_limit_mb`, 1024 MiB when not given; `model_memory_mb` is one batch forward's working
     memory, estimated when not given) are read, predicted and written with windowed writes
     one at a time, so rasters larger than memory work; the result does not depend on the block size.
-    Outputs replace earlier files only once complete.
+    Outputs replace earlier files only once complete and read back whole. A model dir without
+    calibration.json is refused unless `allow_uncalibrated`.
     """
     started = time.perf_counter()
-    bundle = _resolve_bundle(model_dir, build_model)
+    bundle = _resolve_bundle(model_dir, build_model, allow_uncalibrated)
     info, reader = open_raster(raster, band_names)
     check_bands(bundle, info.band_names, source=f"raster {info.name}")
     window = window or DEFAULT_WINDOW
