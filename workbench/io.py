@@ -52,8 +52,14 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def ensure_free_space(directory: Path, nbytes: int, what: str, margin: int = SPACE_MARGIN_BYTES) -> None:
-    """Raise InsufficientSpaceError before writing `nbytes` of `what` into `directory` when they will not fit."""
+def ensure_free_space(directory: Path, nbytes: int, what: str, margin: int | None = None) -> None:
+    """Raise InsufficientSpaceError before writing `nbytes` of `what` into `directory` when they will not fit.
+
+    `margin` is the headroom kept free beyond the write: by default a tenth of it plus 64 KiB, at
+    most SPACE_MARGIN_BYTES.
+    """
+    if margin is None:
+        margin = min(SPACE_MARGIN_BYTES, nbytes // 10 + 2**16)
     free = free_bytes(directory)
     if nbytes + margin > free:
         raise InsufficientSpaceError(
@@ -62,9 +68,20 @@ def ensure_free_space(directory: Path, nbytes: int, what: str, margin: int = SPA
         )
 
 
-def _space_error(path: Path, exc: OSError) -> OSError:
+def _out_of_space(exc: BaseException | None) -> bool:
+    """Whether an error, or one it was raised while handling, is ENOSPC/EDQUOT (libraries rewrap it)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _space_error(path: Path, exc: BaseException) -> BaseException:
     """A clear error for ENOSPC/EDQUOT raised while writing `path` (other errors are returned unchanged)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, InsufficientSpaceError):
+    if _out_of_space(exc) and not isinstance(exc, InsufficientSpaceError):
         return InsufficientSpaceError(
             f"the disk holding {path.parent} filled up while writing {path.name}; nothing was written under "
             f"{path.name} (an earlier version, if any, is unchanged). Free some space and run again"
@@ -128,22 +145,19 @@ def atomic_path(path: Path, suffix: str = ".tmp", verify: Callable[[Path], None]
         if verify is not None:
             verify(tmp)
         commit_temp(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
         error = _space_error(path, exc)
         if error is exc:
             raise
         raise error from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ensure_free_space(path.parent, len(data), str(path.name), margin=min(SPACE_MARGIN_BYTES, len(data) + 2**20))
+    ensure_free_space(path.parent, len(data), str(path.name))
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
