@@ -308,8 +308,8 @@ def stored_band_names(path: str | Path) -> list[str]:
     """The band coordinate of the store's Zarr arrays (what the image planes really are)."""
     import zarr
 
-    group = zarr.open_group(str(Path(path) / "chips.zarr"), mode="r")
-    return [str(value) for value in np.asarray(group["band"][:])]
+    array = zarr.open_array(str(Path(path) / "chips.zarr" / "band"), mode="r")
+    return [str(value) for value in np.asarray(array[:])]
 
 
 def check_band_order(path: str | Path) -> list[str]:
