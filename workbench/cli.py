@@ -92,6 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         min_area_m2=args.min_area_m2,
         scales=tuple(args.scales),
         tta=args.tta,
+        allow_uncalibrated=args.uncalibrated,
     )
     for name, path in result.paths.items():
         print(f"wrote {name}: {path}")
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     run.add_argument("--seeds", type=int, nargs="+", help="run once per seed and summarise mean ± std")
-    run.add_argument("--notebooks", nargs="+", help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}")
+    run.add_argument(
+        "--notebooks", nargs="+", choices=NOTEBOOKS, help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -161,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--min-area-m2", type=float, default=0.0)
     predict.add_argument("--scales", type=float, nargs="+", default=[1.0])
     predict.add_argument("--tta", default="none", choices=["none", "minimal", "standard", "full"])
+    predict.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="use a model without calibration.json (temperature 1, threshold 0.5)",
+    )
     predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks written under reports/bench/")

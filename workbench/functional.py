@@ -385,3 +385,22 @@ def segmentation_summary(
         for metric in ("iou", "f1", "precision", "recall"):
             out[metric] = float(score(metric, tp, fp, fn, tn, reduction)[1])  # type: ignore[arg-type]
     return out
+
+
+POSITIVE_CLASS_METRICS = ("iou", "f1", "recall", "iou/foreground", "mean_chip_iou", "mean_chip_f1")
+
+
+def mark_undefined_without_positives(metrics: dict[str, Any], tp: float, fn: float) -> dict[str, Any]:
+    """Set the positive-class metrics to NaN (undefined) when the labels hold no positive pixel.
+
+    With no positive pixel, IoU and F1 of the positive class are 0 for any false positive and 0/0
+    otherwise, and recall is 0/0: a number there would only describe the absence of positives.
+    `no_positive_pixels` records the case so reports can say why the value is missing.
+    """
+    out = dict(metrics)
+    out["no_positive_pixels"] = bool(tp + fn == 0)
+    if out["no_positive_pixels"]:
+        for key in POSITIVE_CLASS_METRICS:
+            if key in out:
+                out[key] = float("nan")
+    return out

@@ -8,18 +8,61 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from workbench.io import write_text_atomic
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a boolean (bool itself, Any, or a union holding one of them)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) in (list, tuple, dict, set):
+        return False
+    return any(_accepts_bool(arg) for arg in get_args(annotation))
+
+
+def _element_type(annotation: Any) -> Any | None:
+    """The element type of a list/tuple field (None for other types)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if get_origin(candidate) in (list, tuple):
+            args = [arg for arg in get_args(candidate) if arg is not Ellipsis]
+            return args[0] if args else None
+    return None
+
+
 class StrictModel(BaseModel):
-    """Base for every parameter section: unknown keys are errors, assignments are validated."""
+    """Base for every parameter section: unknown keys are errors, assignments are validated.
+
+    A boolean is never taken for a number (`max_epochs: true` would otherwise become 1).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return value
+        if isinstance(value, bool) and not _accepts_bool(field.annotation):
+            raise ValueError(f"a boolean ({str(value).lower()}) is not a valid value here; write a number or a name")
+        element = _element_type(field.annotation)
+        listed = isinstance(value, list | tuple) and element is not None and not _accepts_bool(element)
+        if listed and any(isinstance(item, bool) for item in value):
+            raise ValueError(f"the list {list(value)} holds a boolean; write numbers or names")
+        return value
 
 
 # --------------------------------------------------------------------------- data
@@ -343,6 +386,30 @@ class ParamsError(ValueError):
     """A parameter file or override is invalid; the message names the file, key and fix."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (line {line}; first on line {seen[key]}); keep one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """Parse YAML with the safe loader, refusing duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `section.key=value` into a key path and a YAML-parsed value."""
     if "=" not in text:
@@ -351,7 +418,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [part for part in key.strip().split(".") if part]
     if not path:
         raise ParamsError(f"override {text!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    return path, safe_load_unique(raw) if raw.strip() else None
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -425,7 +492,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         if not file.is_file():
             raise ParamsError(f"parameter file {file} does not exist; pass a YAML file such as params/demo.yaml")
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            loaded = safe_load_unique(file.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ParamsError(f"parameter file {file} is not valid YAML: {exc}") from exc
         if loaded is None:

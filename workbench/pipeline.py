@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.evaluate.summary import seed_summary
-from workbench.io import read_json, write_json_atomic, write_text_atomic
+from workbench.io import atomic_notebook_target, read_json, write_json_atomic, write_text_atomic
 from workbench.params import load_params
 from workbench.run import (
     NOTEBOOKS,
@@ -82,6 +82,8 @@ def execute_notebook(name: str, run_dir: Path, parameters: dict[str, Any], cwd: 
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    if name not in NOTEBOOKS:  # never a path: a name like ../../x would run and write outside the project
+        raise ValueError(f"unknown notebook {name!r}; a run executes only the stages {', '.join(NOTEBOOKS)}")
     source = notebooks_dir() / f"{name}.py"
     if not source.is_file():
         raise FileNotFoundError(f"notebook {source} is missing")
@@ -93,7 +95,7 @@ def execute_notebook(name: str, run_dir: Path, parameters: dict[str, Any], cwd: 
     try:
         papermill.execute_notebook(
             str(staged),
-            str(output),
+            atomic_notebook_target(output),  # each save replaces the notebook whole (temp + fsync + rename)
             parameters=parameters,
             cwd=str(cwd),
             kernel_name="python3",
@@ -134,6 +136,9 @@ def run_pipeline(
 ) -> RunResult:
     """Execute the notebooks of one run in order; a failure keeps the partial report and marks it failed."""
     overrides = list(overrides or [])
+    unknown = [name for name in notebooks or [] if name not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"unknown notebook(s) {unknown}; choose among the stages {', '.join(NOTEBOOKS)}")
     params = load_params(params_file, overrides)
     cwd = Path.cwd()
     reports = Path(reports).resolve()
@@ -230,14 +235,14 @@ def write_index(reports: Path) -> Path:
             for name in NOTEBOOKS
             if layout.notebook_html(name).is_file()
         )
-        cells = [
-            info.get("started", ""),
-            info.get("experiment", ""),
-            f'<a href="{html.escape(str(rel))}/">{html.escape(info.get("run_id", ""))}</a>',
-            f'<span class="{html.escape(status)}">{html.escape(status)}</span>',
-            html.escape(" ".join([str(info.get("params_file", "")), *info.get("overrides", [])])),
+        overrides = info.get("overrides") or []
+        cells = [  # every run.json field is escaped: a tampered or odd value never becomes markup
+            html.escape(str(info.get("started", ""))),
+            html.escape(str(info.get("experiment", ""))),
+            f'<a href="{html.escape(str(rel))}/">{html.escape(str(info.get("run_id", "")))}</a>',
+            f'<span class="{html.escape(str(status))}">{html.escape(str(status))}</span>',
+            html.escape(" ".join([str(info.get("params_file", "")), *map(str, overrides)])),
         ]
-        cells = [c if c.startswith("<") else html.escape(c) for c in cells[:2]] + cells[2:]
         cells += [_fmt(row["metrics"].get(k)) for k in KEY_METRICS] + [links]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     page = f"""<!doctype html>

@@ -7,7 +7,8 @@ A run lives in `<reports>/<experiment>/<run-id>/`::
     metrics.json                    the merged flat metrics of every stage
     <notebook>.ipynb / .html        the executed notebooks (`.inputs/` holds them while they are staged)
     metrics/<stage>.json            each stage's flat metrics
-    data/                           catalog.parquet (with this run's split), normalization_stats.json
+    data/                           catalog.parquet (with this run's split), normalization_stats.json,
+                                    store.json (the store's path and content fingerprint at the start)
     figures/                        PNG figures (and split_map.html)
     diagnostics/                    per-chip Parquet files, per-region and threshold-sweep JSON, CSV tables
     predictions/<name>.zarr         logits of each predicted split
@@ -67,6 +68,7 @@ METRICS_DIR = "metrics"
 DATA_DIR = "data"
 CATALOG_FILE = "catalog.parquet"
 STATS_FILE = "normalization_stats.json"  # in data/ (train-split statistics) and in a model bundle
+STORE_RECORD_FILE = "store.json"  # in data/: the store the run started with and its content fingerprint
 FIGURES_DIR = "figures"
 DIAGNOSTICS_DIR = "diagnostics"
 PREDICTIONS_DIR = "predictions"
@@ -74,6 +76,7 @@ MODEL_DIR = "model"
 MODEL_FILE = "model.pt"
 CALIBRATION_FILE = "calibration.json"
 RUN_INFO_FILE = "run_info.json"
+CHECKSUMS_FILE = "checksums.json"  # in a model bundle: sha256 of each of its files
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # the name Lightning's ModelCheckpoint gives the resume point
 LOGS_DIR = "logs"
@@ -144,6 +147,11 @@ class RunLayout:
     def catalog(self) -> Path:
         """data/catalog.parquet: the store's catalog with this run's split."""
         return self.data / CATALOG_FILE
+
+    @property
+    def store_record(self) -> Path:
+        """data/store.json: the chip store the run started with and its content fingerprint."""
+        return self.data / STORE_RECORD_FILE
 
     @property
     def normalization_stats(self) -> Path:
@@ -265,6 +273,27 @@ class RunLayout:
     def fold(self, k: int) -> RunLayout:
         """The run-like directory of the out-of-fold model of fold `k`."""
         return RunLayout(self.folds / f"fold-{k}")
+
+    def sweep_leftovers(self) -> list[str]:
+        """Remove temporary files of dead writers in this run's folders; one line per finding (see io)."""
+        from workbench.io import sweep_leftovers
+
+        lines = []
+        for folder in (
+            self.root,
+            self.data,
+            self.model,
+            self.checkpoints,
+            self.figures,
+            self.diagnostics,
+            self.metrics_dir,
+            self.predictions_dir,
+            self.snapshots,
+        ):
+            summary = sweep_leftovers(folder).summary()
+            if summary:
+                lines.append(f"{folder}: {summary}")
+        return lines
 
     # frozen parameters
     def freeze_params(self, params: Params) -> Path:

@@ -8,6 +8,7 @@ only module of the workbench that imports ipywidgets; everything else in `workbe
 
 from __future__ import annotations
 
+import html
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -297,7 +298,8 @@ class ChipExplorer(widgets.VBox):  # type: ignore[misc]
             self.caption.value = "<i>no chip in this split</i>"
             self.image.value = b""
             return
-        self.caption.value = f"<b>{self.chip.value}</b> ({self.position.value + 1} of {len(self.chip.options)})"
+        chip = html.escape(str(self.chip.value))  # chip ids come from file names: never markup
+        self.caption.value = f"<b>{chip}</b> ({self.position.value + 1} of {len(self.chip.options)})"
         self.image.value = figure_png(fig)
 
 

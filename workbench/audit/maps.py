@@ -7,6 +7,7 @@ functions that build a map, so importing this module needs none of them.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,32 @@ def _tooltip(row: Mapping[Any, Any]) -> str:
     if "positive_fraction" in row:
         parts.append(f"positive {float(row['positive_fraction']):.2%}")
     return " · ".join(part for part in parts if part)
+
+
+def _safe_tooltip(text: str) -> Any:
+    """A folium tooltip whose text is HTML-escaped and handed to JavaScript as a JSON string literal.
+
+    folium's own Tooltip pastes its text into a JavaScript template literal, where a backtick or
+    `${` in a chip id or region name (they come from file names) would run as code.
+    """
+    from branca.element import MacroElement
+    from jinja2 import Template
+
+    class SafeTooltip(MacroElement):  # type: ignore[misc]
+        _template = Template(
+            """
+            {% macro script(this, kwargs) %}
+                {{ this._parent.get_name() }}.bindTooltip({{ this.markup|tojson }}, {"sticky": true});
+            {% endmacro %}
+            """
+        )
+
+        def __init__(self, markup: str) -> None:
+            super().__init__()
+            self._name = "Tooltip"
+            self.markup = markup
+
+    return SafeTooltip(f"<div>{html.escape(text)}</div>")
 
 
 def split_map(catalog: pd.DataFrame, backend: str = "folium", basemap: bool = True) -> Any:
@@ -78,8 +105,7 @@ def _folium_map(
                 fill=True,
                 fill_opacity=0.8,
                 weight=1,
-                tooltip=_tooltip(row),
-            ).add_to(layer)
+            ).add_child(_safe_tooltip(_tooltip(row))).add_to(layer)
         layer.add_to(fmap)
     folium.LayerControl(collapsed=False).add_to(fmap)
     fmap.fit_bounds(bounds)

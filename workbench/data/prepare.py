@@ -12,8 +12,12 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.data.store import read_catalog, read_store_meta
-from workbench.io import write_parquet_atomic
+from workbench.data.ledger import apply_ledger
+from workbench.data.normalize import NormalizationStats, compute_stats
+from workbench.data.split import assign_splits
+from workbench.data.store import check_band_order, open_store, read_catalog, read_store_meta, store_fingerprint
+from workbench.data.synthetic import ensure_synthetic_store
+from workbench.io import read_json, write_json_atomic, write_parquet_atomic
 from workbench.params import DataParams
 from workbench.run import DATA_AUDIT, RunLayout
 
@@ -43,8 +47,6 @@ def ensure_store(cfg: DataParams, root: Path | None = None) -> Path:
     """The chip store of `cfg`: generated for the synthetic source, checked for an existing store."""
     store = resolve_path(cfg.store, root)
     if cfg.source == "synthetic":
-        from workbench.data.synthetic import ensure_synthetic_store
-
         return Path(ensure_synthetic_store(store, cfg.synthetic))
     read_store_meta(store)  # raises a clear error when the store is missing
     return store
@@ -63,9 +65,6 @@ def selected_bands(store: Path, cfg: DataParams) -> list[str]:
 
 def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | None = None) -> PreparedData:
     """Run the data stage and write its outputs under `run_dir/data`."""
-    from workbench.data.normalize import NormalizationStats, compute_stats
-    from workbench.data.split import assign_splits
-    from workbench.data.store import open_store
 
     store = ensure_store(cfg, root)
     bands = selected_bands(store, cfg)
@@ -79,6 +78,7 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
             )
     layout = RunLayout(run_dir)
     layout.data.mkdir(parents=True, exist_ok=True)
+    record_store(store, run_dir)
     catalog_path = layout.catalog
     write_parquet_atomic(catalog_path, catalog)
     stats_path = layout.normalization_stats
@@ -112,8 +112,6 @@ def load_prepared(
     the column `review_split`), chips judged "fix" are read with their corrected label
     (`PreparedData.corrections`), and `data/ledger.json` records which ledger was applied.
     """
-    from workbench.data.ledger import apply_ledger
-    from workbench.io import write_json_atomic
 
     layout = RunLayout(run_dir)
     catalog_path, stats_path = layout.catalog, layout.normalization_stats
@@ -121,6 +119,7 @@ def load_prepared(
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; run the data audit stage ({DATA_AUDIT.notebook}) first")
     store = resolve_path(cfg.store, root)
+    check_store_unchanged(store, run_dir)
     catalog = pd.read_parquet(catalog_path)
     catalog["review_split"] = catalog["split"]
     catalog, state = apply_ledger(store, catalog, decisions, None if ledger is None else resolve_path(ledger, root))
@@ -135,3 +134,35 @@ def load_prepared(
         }
         write_json_atomic(layout.ledger_record, prepared.ledger)
     return prepared
+
+
+class StoreChangedError(RuntimeError):
+    """The chip store differs from the one the run started with."""
+
+
+def record_store(store: Path, run_dir: Path) -> Path:
+    """Write data/store.json: the store's path and content fingerprint when the run starts (after band checks)."""
+
+    check_band_order(store)
+    record = {"path": str(store), "fingerprint": store_fingerprint(store)}
+    return write_json_atomic(RunLayout(run_dir).store_record, record)
+
+
+def check_store_unchanged(store: Path, run_dir: Path) -> None:
+    """Raise StoreChangedError when the store's fingerprint differs from the one recorded at the run's start.
+
+    A shared store regenerated or re-ingested by another run between two stages would otherwise be
+    trained or evaluated on silently, with splits and statistics computed on other data.
+    """
+
+    record_path = RunLayout(run_dir).store_record
+    if not record_path.is_file():  # runs created before stores were recorded
+        return
+    record = read_json(record_path)
+    now = store_fingerprint(store)
+    if now != record.get("fingerprint"):
+        raise StoreChangedError(
+            f"the chip store {store} changed since this run started (fingerprint {record.get('fingerprint')} "
+            f"recorded in {record_path}, now {now}); another run or an ingest rewrote it. Start a new run, or "
+            "give each experiment its own data.store"
+        )

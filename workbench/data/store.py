@@ -20,6 +20,7 @@ interrupted ingest never leaves a half-written store and memory stays bounded.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -118,6 +119,8 @@ class StoreWriter:
         self._written = 0
         self._ctx: Any = None
         self._tmp: Path | None = None
+        self._hash = hashlib.sha256()  # the content fingerprint, fed with every chip as it is written
+        self._hash.update(json.dumps([[b.name, b.modality, b.optical] for b in self.bands]).encode())
 
     # context management ---------------------------------------------------
     def __enter__(self) -> StoreWriter:
@@ -215,6 +218,10 @@ class StoreWriter:
         }
         for name in self._planes or ():
             data_vars[name] = (("chip", "y", "x"), np.stack([np.asarray(c.planes[name]) for c in chips]))
+        for name, (_, values) in data_vars.items():
+            self._hash.update(name.encode())
+            self._hash.update(np.ascontiguousarray(values).tobytes())
+        self._hash.update("\0".join(c.chip_id for c in chips).encode())
         ds = xr.Dataset(data_vars, coords={"chip_id": ("chip", np.array([c.chip_id for c in chips], dtype=object))})
         target = self._tmp / "chips.zarr"
         if self._written == 0:
@@ -252,6 +259,7 @@ class StoreWriter:
             "n_chips": self._written,
             "shard_chips": self._chips_per_shard(),
             "attrs": self.attrs,
+            "fingerprint": f"sha256:{self._hash.hexdigest()}",
         }
         write_json_atomic(self._tmp / "store.json", meta)
 
@@ -277,6 +285,45 @@ def read_store_meta(path: str | Path) -> dict[str, Any]:
     _require_store(path)
     meta: dict[str, Any] = json.loads((path / "store.json").read_text(encoding="utf-8"))
     return meta
+
+
+def store_fingerprint(path: str | Path) -> str:
+    """The store's content fingerprint: recorded in store.json by StoreWriter.
+
+    Stores written before fingerprints were recorded get one from their files' names, sizes and
+    modification times (prefixed `files:`), which changes whenever the store is rewritten.
+    """
+    path = Path(path)
+    meta = read_store_meta(path)
+    if meta.get("fingerprint"):
+        return str(meta["fingerprint"])
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"files:{digest.hexdigest()}"
+
+
+def stored_band_names(path: str | Path) -> list[str]:
+    """The band coordinate of the store's Zarr arrays (what the image planes really are)."""
+    import zarr
+
+    array = zarr.open_array(str(Path(path) / "chips.zarr" / "band"), mode="r")
+    return [str(value) for value in np.asarray(array[:])]
+
+
+def check_band_order(path: str | Path) -> list[str]:
+    """Raise StoreError unless the band table of store.json matches the Zarr band coordinate; return the bands."""
+    path = Path(path)
+    listed = [band["name"] for band in read_store_meta(path)["bands"]]
+    stored = stored_band_names(path)
+    if listed != stored:
+        raise StoreError(
+            f"{path}: store.json lists the bands {listed} but the arrays hold {stored} (in this order); the "
+            "metadata was edited or mixed up with another store's, so bands would be fed wrongly. Re-ingest the "
+            "store or restore its store.json"
+        )
+    return listed
 
 
 def band_specs(meta: dict[str, Any]) -> list[BandSpec]:

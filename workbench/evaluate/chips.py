@@ -17,7 +17,7 @@ import xarray as xr
 
 from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.data.dataset import ChipDataset
-from workbench.functional import confusion_counts, iou_score, metrics_from_counts
+from workbench.functional import confusion_counts, iou_score, mark_undefined_without_positives, metrics_from_counts
 from workbench.indices import mndwi
 
 IDENTITY_COLUMNS = ("chip_id", "region", "year", "lat", "lon", "split")
@@ -121,12 +121,13 @@ def per_chip_table(
 def pooled_metrics(table: pd.DataFrame) -> dict[str, float]:
     """Pooled (sum I / sum U over the split) and per-chip mean metrics from a per-chip table."""
     tp, fp, fn, tn = (float(table[c].sum()) for c in ("tp", "fp", "fn", "tn"))
-    return {
+    pooled = {
         **metrics_from_counts(tp, fp, fn, tn),
         "mean_chip_iou": float(table["iou"].mean()) if table["iou"].notna().any() else float("nan"),
         "tail_chips": int((table["flags"].str.contains("tail")).sum()),
         "n_chips": len(table),
     }
+    return mark_undefined_without_positives(pooled, tp, fn)  # no positive pixel: IoU/F1/recall undefined
 
 
 def label_corrected_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -136,7 +137,6 @@ def label_corrected_table(table: pd.DataFrame) -> pd.DataFrame:
     judged "drop" left out, fixed chips scored against their corrected label. Columns: region, iou_raw,
     iou_corrected, delta, n_chips, n_dropped, n_fixed.
     """
-    from workbench.functional import iou_score
 
     def pooled(frame: pd.DataFrame, suffix: str) -> float:
         tp, fp, fn = (float(frame[f"{c}{suffix}"].sum()) for c in ("tp", "fp", "fn"))

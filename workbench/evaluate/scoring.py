@@ -47,7 +47,7 @@ from workbench.evaluate.calibration import (
 from workbench.evaluate.chips import chip_counts, chip_identity
 from workbench.evaluate.metrics import PrevalenceEvaluator, ThresholdHistogram, per_chip_histograms
 from workbench.evaluate.objects import DEFAULT_IOU_THRESHOLDS, ObjectMatcher
-from workbench.functional import metrics_from_counts, segmentation_summary
+from workbench.functional import mark_undefined_without_positives, metrics_from_counts, segmentation_summary
 from workbench.infer.tta import TTA_MODES, predict_with_tta
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def pooled_summary(per_chip: pd.DataFrame, class_names: Sequence[str] = ("backgr
     summary["n_chips"] = len(per_chip)
     if "flags" in per_chip:
         summary["tail_chips"] = int(per_chip["flags"].str.contains("tail").sum())
-    return summary
+    return mark_undefined_without_positives(summary, float(tp.sum()), float(fn.sum()))
 
 
 def pr_curve_record(hist: ThresholdHistogram) -> dict[str, Any]:

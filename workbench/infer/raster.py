@@ -11,8 +11,6 @@ Nodata is never turned into silent zeros: a pixel that is nodata in any input ba
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.windows
 from affine import Affine
 from tqdm.auto import tqdm
@@ -39,7 +38,7 @@ from workbench.infer.blocks import (
 )
 from workbench.infer.vectorize import MASK_NODATA, BlockPolygons, polygons_geojson, probability_to_mask
 from workbench.infer.windows import DEFAULT_WINDOW
-from workbench.io import write_text_atomic
+from workbench.io import commit_temp, create_temp_file, ensure_free_space, sweep_leftovers, write_text_atomic
 from workbench.models.bundle import BuildModel, ModelBundle, check_bands, load_bundle
 
 
@@ -199,14 +198,47 @@ def _output_profile(info: RasterInfo, count: int, dtype: str, nodata: float) -> 
 
 
 def _temporary_beside(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    os.chmod(name, 0o644)  # mkstemp creates owner-only files; outputs are ordinary readable files
-    return Path(name)
+    """An empty temporary file beside `path` (user's normal permissions; swept when its process is gone)."""
+    return create_temp_file(path, ".partial")
 
 
-def _resolve_bundle(model: str | Path | ModelBundle, build_model: BuildModel | None) -> ModelBundle:
-    return model if isinstance(model, ModelBundle) else load_bundle(model, build_model)
+class OutputWriteError(OSError):
+    """A written GeoTIFF does not read back completely (GDAL reports some write errors only as warnings)."""
+
+
+def verify_geotiff(path: Path, height: int, width: int, count: int, dtype: str) -> None:
+    """Reopen a finished GeoTIFF and decode every block; raise OutputWriteError naming it when that fails.
+
+    GDAL logs a failed tile write (a full disk, a cut network file system) without raising, so a
+    raster is only renamed into place once it reads back whole.
+    """
+    try:
+        with rasterio.open(path) as src:
+            if (src.height, src.width, src.count, src.dtypes[0]) != (height, width, count, dtype):
+                raise OutputWriteError(
+                    f"{path} reads back as {src.count}x{src.height}x{src.width} {src.dtypes[0]}, "
+                    f"expected {count}x{height}x{width} {dtype}"
+                )
+            for _, window in src.block_windows(1):
+                src.read(window=window)
+    except rasterio.errors.RasterioError as exc:
+        raise OutputWriteError(
+            f"{path} does not read back ({exc}); the write failed (a full disk?). The previous outputs are "
+            "unchanged; free some space and run predict again"
+        ) from exc
+
+
+def _output_bytes(info: RasterInfo, classes: int) -> int:
+    """Uncompressed size of probability.tif and mask.tif: the free space predict asks for."""
+    return int(info.height) * int(info.width) * (4 * classes + 1)
+
+
+def _resolve_bundle(
+    model: str | Path | ModelBundle, build_model: BuildModel | None, allow_uncalibrated: bool = False
+) -> ModelBundle:
+    if isinstance(model, ModelBundle):
+        return model
+    return load_bundle(model, build_model, require_calibration=not allow_uncalibrated)
 
 
 def predict_raster(
@@ -226,6 +258,7 @@ def predict_raster(
     model_memory_mb: float | None = None,
     build_model: BuildModel | None = None,
     progress: bool = True,
+    allow_uncalibrated: bool = False,
 ) -> PredictionResult:
     """Predict a georeferenced raster block by block into probability.tif, mask.tif and polygons.geojson.
 
@@ -234,10 +267,11 @@ def predict_raster(
     `memory_limit_mb`, 1024 MiB when not given; `model_memory_mb` is one batch forward's working
     memory, estimated when not given) are read, predicted and written with windowed writes
     one at a time, so rasters larger than memory work; the result does not depend on the block size.
-    Outputs replace earlier files only once complete.
+    Outputs replace earlier files only once complete and read back whole. A model dir without
+    calibration.json is refused unless `allow_uncalibrated`.
     """
     started = time.perf_counter()
-    bundle = _resolve_bundle(model_dir, build_model)
+    bundle = _resolve_bundle(model_dir, build_model, allow_uncalibrated)
     info, reader = open_raster(raster, band_names)
     check_bands(bundle, info.band_names, source=f"raster {info.name}")
     window = window or DEFAULT_WINDOW
@@ -251,6 +285,8 @@ def predict_raster(
     job = BlockJob(bundle, reader, info.nodata, window, stride, batch_size, tta, device, tuple(scales))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(out)  # temporary outputs of an interrupted predict
+    ensure_free_space(out, _output_bytes(info, classes), "probability.tif and mask.tif (uncompressed size)")
     final = {"probability": out / "probability.tif", "mask": out / "mask.tif", "polygons": out / "polygons.geojson"}
     temporary = {key: _temporary_beside(path) for key, path in final.items() if key != "polygons"}
     polygons = BlockPolygons(info.height, info.width)
@@ -276,8 +312,10 @@ def predict_raster(
                 del probs, mask
         merged = polygons.merged()
         geojson, n_polygons = polygons_geojson(merged, info.transform, info.crs, min_area_m2)
+        verify_geotiff(temporary["probability"], info.height, info.width, classes, "float32")
+        verify_geotiff(temporary["mask"], info.height, info.width, 1, "uint8")
         for key, path in temporary.items():
-            os.replace(path, final[key])
+            commit_temp(path, final[key])
         write_text_atomic(final["polygons"], geojson)
     finally:
         for path in temporary.values():

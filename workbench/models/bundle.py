@@ -6,15 +6,20 @@ Layout (file names from `workbench.run`, since a run's `model/` is a bundle)::
     model_dir/normalization_stats.json  the train-split statistics, applied identically at inference
     model_dir/calibration.json          optional: {"temperature": T, "threshold": t, ...}
     model_dir/run_info.json             written by training: parameters, git commit, package versions
+    model_dir/checksums.json            sha256 of model.pt, normalization_stats.json and calibration.json
 
 Keeping weights, band order, normalisation and calibration together means inference cannot
 silently feed a model bands in another order or with other statistics than it was trained on.
+`checksums.json` makes a changed, truncated or deleted file an error on loading, and the
+normalisation statistics are checked (finite, std > 0) before use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +32,7 @@ from workbench.data.normalize import NormalizationStats
 from workbench.io import read_json, write_bytes_atomic, write_json_atomic
 from workbench.models.factory import build_model
 from workbench.params import ModelParams
-from workbench.run import CALIBRATION_FILE, MODEL_FILE, STATS_FILE
+from workbench.run import CALIBRATION_FILE, CHECKSUMS_FILE, MODEL_FILE, STATS_FILE
 
 BUNDLE_FORMAT = 1
 _REQUIRED_KEYS = ("format", "state_dict", "model_params", "bands", "modalities")
@@ -37,6 +42,82 @@ BuildModel = Callable[[ModelParams, int], nn.Module]
 
 class BandMismatchError(ValueError):
     """An input's bands differ from the bands a model was trained on."""
+
+
+class BundleIntegrityError(ValueError):
+    """A bundle file changed, vanished or holds unusable values since the bundle was written."""
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(model_dir: str | Path) -> Path:
+    """Record the sha256 of the bundle's files that exist (model, statistics, calibration) in checksums.json."""
+    directory = Path(model_dir)
+    files = {
+        name: file_sha256(directory / name)
+        for name in (MODEL_FILE, STATS_FILE, CALIBRATION_FILE)
+        if (directory / name).is_file()
+    }
+    return write_json_atomic(directory / CHECKSUMS_FILE, {"algorithm": "sha256", "files": files})
+
+
+def verify_checksums(model_dir: str | Path) -> bool:
+    """Check the bundle's files against checksums.json; False when the bundle has none (older bundles).
+
+    Raises FileNotFoundError naming a recorded file that is missing, BundleIntegrityError naming one
+    whose bytes changed.
+    """
+    directory = Path(model_dir)
+    manifest = directory / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return False
+    recorded = read_json(manifest)
+    files = recorded.get("files") if isinstance(recorded, dict) else None
+    if not isinstance(files, dict):
+        raise BundleIntegrityError(f"{manifest} must hold {{'files': {{name: sha256}}}}; re-save the bundle")
+    for name, expected in files.items():
+        path = directory / str(name)
+        if Path(str(name)).name != str(name):
+            raise BundleIntegrityError(f"{manifest} lists {name!r}, which is not a file name of the bundle")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing but {manifest} records it; the bundle is incomplete (restore the file, or "
+                "for calibration.json run the calibration stage again)"
+            )
+        if file_sha256(path) != expected:
+            raise BundleIntegrityError(
+                f"{path} changed since the bundle was written (its sha256 differs from {manifest}); restore it "
+                "from the run that wrote it or retrain"
+            )
+    return True
+
+
+def check_normalization_values(stats: NormalizationStats, source: Path) -> None:
+    """Refuse statistics that would silently scale inputs wrongly: non-finite values, std <= 0, high <= low."""
+    import numpy as np
+
+    for key in ("mean", "std", "low", "high"):
+        values = getattr(stats, key)
+        if values is not None and not np.isfinite(np.asarray(values, float)).all():
+            raise BundleIntegrityError(f"{source}: {key} holds non-finite values {values}")
+    if stats.method == "zscore" and stats.std is not None:
+        bad = [band for band, value in zip(stats.bands, stats.std, strict=True) if not value > 0]
+        if bad:
+            raise BundleIntegrityError(
+                f"{source}: std must be positive, but is zero or negative for bands {bad}; the file is damaged "
+                "or was edited. Restore it from the run's data/normalization_stats.json"
+            )
+    if stats.method == "percentile" and stats.low is not None and stats.high is not None:
+        bad = [b for b, lo, hi in zip(stats.bands, stats.low, stats.high, strict=True) if not hi > lo]
+        if bad:
+            raise BundleIntegrityError(f"{source}: percentile high must exceed low, not so for bands {bad}")
 
 
 @dataclass
@@ -117,14 +198,20 @@ def save_bundle(
     write_bytes_atomic(directory / MODEL_FILE, buffer.getvalue())
     _normalization_stats(normalization).select(bands).save(directory / STATS_FILE)
     if calibration is not None:
-        write_calibration(directory, calibration)
+        write_calibration(directory, calibration)  # also records the checksums
+    else:
+        (directory / CALIBRATION_FILE).unlink(missing_ok=True)  # never pair new weights with an old calibration
+        write_checksums(directory)
     return directory
 
 
 def write_calibration(model_dir: str | Path, calibration: dict[str, Any]) -> Path:
     """Write calibration.json (temperature and threshold are validated first)."""
     _check_calibration(calibration, Path(model_dir) / CALIBRATION_FILE)
-    return write_json_atomic(Path(model_dir) / CALIBRATION_FILE, calibration)
+    verify_checksums(model_dir)  # calibrate only an intact bundle
+    path = write_json_atomic(Path(model_dir) / CALIBRATION_FILE, calibration)
+    write_checksums(model_dir)
+    return path
 
 
 def _check_calibration(calibration: dict[str, Any], source: Path) -> tuple[float, float]:
@@ -164,11 +251,23 @@ def _load_payload(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_bundle(model_dir: str | Path, build_model: BuildModel | None = None) -> ModelBundle:
-    """Read a model dir: rebuild the model (eval mode), its bands, normalisation and calibration."""
+def load_bundle(
+    model_dir: str | Path, build_model: BuildModel | None = None, require_calibration: bool = False
+) -> ModelBundle:
+    """Read a model dir: rebuild the model (eval mode), its bands, normalisation and calibration.
+
+    Files are checked against checksums.json first (a bundle without it loads with a warning), and the
+    normalisation statistics must be finite with std > 0. With `require_calibration` a bundle without
+    calibration.json is refused instead of silently using temperature 1 and threshold 0.5.
+    """
     directory = Path(model_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist; train a model to create it")
+    if not verify_checksums(directory):
+        warnings.warn(
+            f"{directory} has no {CHECKSUMS_FILE} (written by an older version): its files cannot be verified",
+            stacklevel=2,
+        )
     model_path = _require(directory / MODEL_FILE, "train a model (workbench train) or write one with save_bundle")
     stats_path = _require(
         directory / STATS_FILE, "save the train-split normalisation statistics there (save_bundle does this)"
@@ -180,6 +279,7 @@ def load_bundle(model_dir: str | Path, build_model: BuildModel | None = None) ->
         normalization = NormalizationStats.load(stats_path).select(bands)
     except ValueError as exc:
         raise ValueError(f"{stats_path} does not fit the model's bands {bands}: {exc}") from exc
+    check_normalization_values(normalization, stats_path)
     modalities = [str(m) for m in payload["modalities"]]
     build = build_model or (lambda p, _: _build_from_factory(p, bands, modalities))
     model = build(params, len(bands))
@@ -196,6 +296,12 @@ def load_bundle(model_dir: str | Path, build_model: BuildModel | None = None) ->
         if not isinstance(calibration, dict):
             raise ValueError(f"{calibration_path} must hold a JSON object with temperature and threshold")
         temperature, threshold = _check_calibration(calibration, calibration_path)
+    elif require_calibration:
+        raise FileNotFoundError(
+            f"{calibration_path} is missing: the model is uncalibrated (temperature 1, threshold 0.5). Run the "
+            "calibration stage (03_calibrate) first, or ask for the uncalibrated model explicitly "
+            "(`workbench predict --uncalibrated`, allow_uncalibrated=True)"
+        )
     return ModelBundle(
         model=model,
         model_params=params,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +23,10 @@ from workbench.audit import (
     split_map,
 )
 from workbench.data.agreement import prefilter_table
-from workbench.data.prepare import prepare_data
+from workbench.data.prepare import ensure_store, prepare_data
 from workbench.data.split import leakage_report
 from workbench.data.store import read_store_meta
+from workbench.data.validate import check_label_values, positive_pixel_warnings, preflight
 from workbench.figures import class_balance_bar, split_map_static
 from workbench.io import write_parquet_atomic
 from workbench.params import Params
@@ -43,9 +45,18 @@ def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progre
 
     run_dir = Path(run_dir)
     RunLayout(run_dir).check_params(params)
+    cleanup = [
+        line for run in sorted(run_dir.parent.iterdir()) if run.is_dir() for line in RunLayout(run).sweep_leftovers()
+    ]
+    checked = preflight(params, ensure_store(params.data))  # names in the parameters vs the store, before compute
     prepared = prepare_data(params.data, run_dir, seed=params.seed)
     catalog = prepared.catalog
     result = StageResult()
+    result.tables["preflight"] = pd.DataFrame(
+        [("warning", text) for text in [*checked.warnings, *positive_pixel_warnings(catalog)]]
+        + [("note", text) for text in cleanup],
+        columns=["kind", "message"],
+    )
     split_summary = (
         catalog.groupby("split")
         .agg(chips=("chip_id", "size"), positive_fraction=("positive_fraction", "mean"))
@@ -74,8 +85,15 @@ def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progre
     if "noisy" in catalog:
         metrics["data.noisy_chips"] = int(catalog["noisy"].sum())
     metrics.update(audit_store(params, prepared, run_dir, result, check_batches=check_batches, progress=progress))
+    preflight_rows = result.tables.pop("preflight")
+    result.tables["audit_messages"] = pd.concat([preflight_rows, result.tables["audit_messages"]], ignore_index=True)
+    metrics["data.preflight_warnings"] = int((preflight_rows["kind"] == "warning").sum())
+    for text in preflight_rows.loc[preflight_rows["kind"] == "warning", "message"]:
+        warnings.warn(text, stacklevel=2)
     write_stage_metrics(run_dir, DATA_AUDIT, metrics)
     result.metrics = metrics
+    # the audit's report is written; labels outside the classes stop the run here, before training
+    check_label_values(prepared.store, pd.read_parquet(RunLayout(run_dir).data_audit_chips), params.model.num_classes)
     return result
 
 

@@ -196,6 +196,8 @@ def build_trainer(
     When the epoch length changes between epochs (curriculum sampling) the training loader is
     rebuilt every epoch, since Lightning sizes an epoch from the loader it was given.
     """
+    from workbench.train.checkpoint_io import AtomicCheckpointIO
+
     cfg = params.train
     varying = epoch_lengths is not None and len(set(epoch_lengths)) > 1
     return L.Trainer(
@@ -217,6 +219,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         reload_dataloaders_every_n_epochs=1 if varying else 0,
+        plugins=[AtomicCheckpointIO()],  # temp file + fsync + rename beside the checkpoint
     )
 
 
@@ -241,7 +244,9 @@ def normalization_record(stats_path: Path) -> dict[str, Any]:
 
 def check_checkpoint_matches(checkpoint: Path, bands: list[str], normalization: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint whose bands or normalisation differ from the data; say which."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    from workbench.train.checkpoint_io import load_checkpoint_file
+
+    state = load_checkpoint_file(checkpoint)
     hparams = state.get("hyper_parameters", {})
     saved_bands = list(hparams.get("band_names", []))
     if saved_bands != list(bands):
