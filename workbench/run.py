@@ -12,7 +12,7 @@ A run lives in `<reports>/<experiment>/<run-id>/`::
     diagnostics/                    per-chip Parquet files, per-region and threshold-sweep JSON, CSV tables
     predictions/<name>.zarr         logits of each predicted split
     model/                          the model bundle: model.pt, normalization_stats.json, calibration.json,
-                                    run_info.json
+                                    run_info.json, input_profile.json
     checkpoints/                    resumable Lightning checkpoints (best-*.ckpt, last.ckpt)
     logs/metrics.csv                Lightning's CSV log
     failures/                       the chips of a batch whose loss was not finite
@@ -74,6 +74,7 @@ MODEL_DIR = "model"
 MODEL_FILE = "model.pt"
 CALIBRATION_FILE = "calibration.json"
 RUN_INFO_FILE = "run_info.json"
+INPUT_PROFILE_FILE = "input_profile.json"  # in a model bundle: chip size, pixel size, per-band value scale
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # the name Lightning's ModelCheckpoint gives the resume point
 LOGS_DIR = "logs"
@@ -206,6 +207,11 @@ class RunLayout:
     @property
     def run_info(self) -> Path:
         return self.model / RUN_INFO_FILE
+
+    @property
+    def input_profile(self) -> Path:
+        """What the model was trained on (chip size, pixel size, band value scale), checked by predict."""
+        return self.model / INPUT_PROFILE_FILE
 
     # training
     @property

@@ -365,7 +365,8 @@ def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_di
     from workbench.models.bundle import save_bundle
 
     model = getattr(task.model, "_orig_mod", task.model)
-    meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
+    store_meta = read_store_meta(prepared.store)
+    meta = {band["name"]: band for band in store_meta["bands"]}
     model_dir = RunLayout(run_dir).model
     save_bundle(
         model_dir,
@@ -374,5 +375,33 @@ def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_di
         bands=prepared.bands,
         modalities=[meta[name]["modality"] for name in prepared.bands],
         normalization=prepared.stats_path,
+        input_profile=training_input_profile(prepared, store_meta),
     )
     return model_dir
+
+
+def training_input_profile(prepared: PreparedData, store_meta: dict[str, Any], sample_chips: int = 64) -> Any:
+    """The bundle's InputProfile: chip side and pixel size from the store, per-band mean/std of the train split.
+
+    The train-split normalisation statistics give mean and std when they hold them; otherwise (method
+    "none") they are computed on up to `sample_chips` train chips.
+    """
+    from workbench.data.normalize import NormalizationStats, compute_stats
+    from workbench.data.store import open_store
+    from workbench.models.bundle import InputProfile
+
+    stats = NormalizationStats.load(prepared.stats_path).select(prepared.bands)
+    if stats.mean is None or stats.std is None:
+        train = np.flatnonzero(prepared.catalog["split"].to_numpy() == "train")[:sample_chips]
+        ds = open_store(prepared.store, prepared.catalog)
+        stats = compute_stats(ds, train, prepared.bands, method="zscore", progress=False)
+    assert stats.mean is not None and stats.std is not None
+    chip = store_meta.get("chip_size")
+    pixel = store_meta.get("attrs", {}).get("pixel_size_m")
+    return InputProfile(
+        bands=list(prepared.bands),
+        mean=stats.mean,
+        std=stats.std,
+        chip_size=int(min(chip)) if chip else None,
+        pixel_size_m=float(pixel) if pixel else None,
+    )
