@@ -38,8 +38,8 @@ from workbench.infer.windows import (
 __all__ = [
     "DEFAULT_MEMORY_LIMIT_MB",
     "DEFAULT_WINDOW",
-    "InputMismatchError",
     "TTA_MODES",
+    "InputMismatchError",
     "PeakMemory",
     "PredictionResult",
     "RasterInputError",

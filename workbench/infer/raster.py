@@ -41,6 +41,7 @@ from workbench.infer.blocks import (
     gdal_cache_mb,
     plan_blocks,
     run_blocks,
+    smallest_memory_limit_mb,
 )
 from workbench.infer.vectorize import MASK_NODATA, BlockPolygons, polygons_geojson, probability_to_mask
 from workbench.infer.windows import DEFAULT_WINDOW, autocast_context
@@ -307,14 +308,18 @@ def read_with_ingest_reader(
 ) -> list[tuple[str, RasterInput]]:
     """Inputs in a format the ingest readers know (npz, landslide4sense, ...) as in-memory rasters, one per scene.
 
-    The reader is asked for whole scenes (no tiling); nodata pixels become NaN. These formats carry no
-    CRS, so the outputs carry none either.
+    The reader is asked for whole scenes (`WHOLE_SCENE`, no tiling; readers that tile from files
+    read windows instead); nodata pixels become NaN. The chips carry no CRS, so the outputs carry
+    none either.
     """
-    from workbench.data.ingest import check_options, get_reader
+    from workbench.data.ingest import check_options, get_reader, reader_options
+    from workbench.data.sources import WHOLE_SCENE
 
     options = dict(options or {})
+    if "label_key" in reader_options(format):
+        options.setdefault("label_key", None)  # predicting needs no label
     check_options(format, options)
-    source = get_reader(format)(Path(path), **options)
+    source = get_reader(format)(Path(path), chip_size=WHOLE_SCENE, **options)
     names: list[str | None] = [band.name for band in source.bands]
     indexes = select_bands(model_bands, names, bands, str(path))
     inputs = []
@@ -619,6 +624,7 @@ def predict_raster(
     scheduler: str | None = None,
     workers: int = 4,
     allow_input_mismatch: bool = False,
+    refuse_small_memory_limit: bool = False,
 ) -> PredictionResult:
     """Predict a raster block by block into probability.tif, mask.tif (Cloud-Optimized GeoTIFFs) and polygons.
 
@@ -633,7 +639,8 @@ def predict_raster(
     then sized for limit / workers; an address: a dask distributed cluster). `precision` bf16/fp16
     runs the model under autocast; `threshold` replaces the calibrated threshold, `region` picks the
     region's calibrated one. A raster without a CRS gives outputs without one. Outputs replace earlier
-    files only once complete and validated.
+    files only once complete and validated. A memory limit below the smallest block warns, or with
+    `refuse_small_memory_limit` (as the command line does) raises.
     """
     started = time.perf_counter()
     bundle = _resolve_bundle(model_dir, build_model)
@@ -656,6 +663,16 @@ def predict_raster(
     classes = bundle.num_classes
     limit_mb = memory_limit_mb or DEFAULT_MEMORY_LIMIT_MB
     in_flight = max(1, workers) if scheduler is not None else 1
+    if refuse_small_memory_limit and memory_limit_mb is not None and block_size is None:
+        smallest = in_flight * smallest_memory_limit_mb(
+            len(bundle.bands), classes, window, batch_size, info.itemsize, model_memory_mb
+        )
+        if memory_limit_mb < smallest:
+            raise ValueError(
+                f"memory limit {memory_limit_mb:g} MiB is below the smallest workable one, about {smallest:.0f} MiB "
+                f"for {len(bundle.bands)} bands, window {window}, batch size {batch_size} and {in_flight} block(s) "
+                "in flight; raise --memory-limit-mb or lower --window / --batch-size"
+            )
     side = block_size or block_size_for_memory(
         limit_mb / in_flight, len(bundle.bands), classes, window, batch_size, info.itemsize, model_memory_mb
     )
