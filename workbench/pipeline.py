@@ -32,6 +32,7 @@ from workbench.run import (
     project_root,
     run_records,
 )
+from workbench.tracking import finish_tracking, track_stage
 
 KEY_METRICS = [
     "test.iou",
@@ -166,12 +167,15 @@ def run_pipeline(
             info["error"] = str(exc)
             error = exc
             break
+        finally:
+            track_stage(run_dir, name, info["notebooks"].get(name, {}).get("status", "failed"), params)
     metrics = merge_metrics(run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(layout.metrics, metrics)
     info["status"] = "failed" if error else "complete"
     info["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_json_atomic(layout.info, info)
+    finish_tracking(run_dir, info["status"], params)
     write_index(reports)
     if error is not None:
         raise error

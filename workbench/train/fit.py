@@ -30,9 +30,18 @@ import torch
 
 from workbench.data.loading import build_datamodule, data_pos_weight
 from workbench.data.prepare import PreparedData
-from workbench.io import write_json_atomic
+from workbench.io import read_json, write_json_atomic
 from workbench.params import Params
-from workbench.run import LOGS_DIR, RUN_INFO_FILE, TRAINING, RunLayout, git_commit, package_versions, project_root
+from workbench.run import (
+    LOGS_DIR,
+    RUN_INFO_FILE,
+    TRAINING,
+    RunLayout,
+    git_commit,
+    mlflow_tracking_uri,
+    package_versions,
+    project_root,
+)
 
 DDP_STRATEGIES = {"ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"}
 
@@ -112,19 +121,6 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
     return callbacks
 
 
-def mlflow_tracking_uri(uri: str) -> str:
-    """The MLflow URI for `train.tracking.uri`; a plain path becomes an absolute `file:` URI.
-
-    MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set, so it is set for file
-    stores (the database stores need SQLAlchemy, which the skinny client does not install).
-    """
-    if "://" not in uri and not uri.startswith("file:"):
-        uri = Path(uri).expanduser().resolve().as_uri()
-    if uri.startswith("file:"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return uri
-
-
 def build_loggers(params: Params, run_dir: Path) -> list[Any]:
     """CSV logs always; MLflow when `train.tracking.uri` is set (a server URI or a local folder)."""
     from lightning.pytorch.loggers import CSVLogger
@@ -134,12 +130,15 @@ def build_loggers(params: Params, run_dir: Path) -> list[Any]:
     if tracking.uri:
         from lightning.pytorch.loggers import MLFlowLogger
 
+        record = RunLayout(run_dir).tracking  # the run's MLflow run, opened by workbench.tracking
+        run_id = read_json(record).get("run_id") if record.is_file() else None
         loggers.append(
             MLFlowLogger(
                 experiment_name=tracking.experiment or params.experiment,
                 tracking_uri=mlflow_tracking_uri(tracking.uri),
                 run_name=run_dir.name,
                 tags={"seed": str(params.seed)},
+                run_id=run_id,
             )
         )
     return loggers
