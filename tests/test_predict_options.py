@@ -351,3 +351,34 @@ def test_bundle_keeps_its_input_profile(tmp_path: Path) -> None:
     loaded = load_bundle(tmp_path / "m", lambda params, c: nn.Identity())
     assert loaded.input_profile == InputProfile(BANDS, [0.1, 0.3], [0.02, 0.05], 64, 20.0)  # in the model's order
     assert json.loads((tmp_path / "m" / "input_profile.json").read_text())["bands"] == BANDS
+
+
+def test_training_records_chip_size_pixel_size_and_band_scale(tmp_path: Path) -> None:
+    from workbench.data.prepare import PreparedData
+    from workbench.data.store import BandSpec, Chip, StoreWriter, read_catalog, read_store_meta
+    from workbench.train.fit import training_input_profile
+
+    rng = np.random.default_rng(5)
+    images = []
+    store = tmp_path / "store"
+    specs = [BandSpec(name, "S2L2A", True) for name in BANDS]
+    with StoreWriter(store, specs, source="unit", attrs={"pixel_size_m": 10.0}) as writer:
+        for i in range(6):
+            image = (
+                rng.uniform(0.0, 0.4, size=(2, 32, 32)).astype(np.float32) * np.array([1, 3], np.float32)[:, None, None]
+            )
+            valid = np.ones((32, 32), bool)
+            valid[:4] = False
+            label = np.zeros((32, 32), np.uint8)
+            split = "train" if i < 4 else "val"
+            writer.append(Chip(f"c{i}", image, label, valid, lat=0.0, lon=0.0, region="r", split=split))
+            if split == "train":
+                images.append(image[:, valid])
+    stats_path = NormalizationStats(bands=BANDS, method="none").save(tmp_path / "normalization_stats.json")
+    catalog = read_catalog(store)
+    prepared = PreparedData(store, store / "catalog.parquet", stats_path, catalog, list(BANDS))
+    profile = training_input_profile(prepared, read_store_meta(store))
+    pixels = np.concatenate(images, axis=1)
+    assert profile.chip_size == 32 and profile.pixel_size_m == 10.0 and profile.bands == BANDS
+    np.testing.assert_allclose(profile.mean, pixels.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(profile.std, pixels.std(axis=1), rtol=1e-5)
