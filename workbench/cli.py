@@ -80,24 +80,51 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from workbench.infer import predict_raster
+    import warnings
 
-    result = predict_raster(
-        Path(args.model_dir),
-        Path(args.raster),
-        Path(args.out),
-        window=args.window,
-        stride=args.stride,
-        memory_limit_mb=args.memory_limit_mb,
-        min_area_m2=args.min_area_m2,
-        scales=tuple(args.scales),
-        tta=args.tta,
-        allow_uncalibrated=args.uncalibrated,
-    )
-    for name, path in result.paths.items():
-        print(f"wrote {name}: {path}")
-    print(f"{result.n_polygons} polygon(s), {result.seconds:.1f} s, peak memory {result.peak_rss_mb:.0f} MB")
+    from workbench.data.ingest import parse_options
+    from workbench.infer import predict_input
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _print_warning
+        results = predict_input(
+            Path(args.model_dir),
+            Path(args.raster),
+            Path(args.out),
+            format=args.format,
+            options=parse_options(args.option or []),
+            window=args.window,
+            stride=args.stride,
+            memory_limit_mb=args.memory_limit_mb,
+            min_area_m2=args.min_area_m2,
+            scales=tuple(args.scales),
+            tta=args.tta,
+            bands=args.bands,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            threshold=args.threshold,
+            region=args.region,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            allow_input_mismatch=args.allow_input_mismatch,
+            allow_uncalibrated=args.uncalibrated,
+            refuse_small_memory_limit=True,
+            progress=not args.quiet,
+        )
+    for result in results:
+        for name, path in result.paths.items():
+            print(f"wrote {name}: {path}")
+        print(
+            f"{result.n_polygons} polygon(s) at threshold {result.threshold:g}, window {result.window}, "
+            f"{result.seconds:.1f} s, peak memory {result.peak_rss_mb:.0f} MB"
+        )
     return 0
+
+
+def _print_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -154,13 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--quiet", action="store_true", help="no progress bars")
     fetch.set_defaults(func=cmd_download)
 
-    predict = sub.add_parser("predict", help="sliding-window inference over a GeoTIFF")
-    predict.add_argument("model_dir")
-    predict.add_argument("raster")
-    predict.add_argument("out")
-    predict.add_argument("--window", type=int)
-    predict.add_argument("--stride", type=int)
-    predict.add_argument("--memory-limit-mb", type=int)
+    predict = sub.add_parser(
+        "predict", help="sliding-window inference over a raster (GeoTIFF, any GDAL raster, or --format npz ...)"
+    )
+    predict.add_argument("model_dir", help="a model bundle, e.g. reports/<experiment>/<run-id>/model")
+    predict.add_argument("raster", help="input raster file, or a file/folder in an ingest --format")
+    predict.add_argument("out", help="output folder (probability.tif, mask.tif, polygons.geojson)")
+    predict.add_argument("--window", type=int, help="window side in pixels (default: the training chip size)")
+    predict.add_argument("--stride", type=int, help="window step (default: half the window)")
+    predict.add_argument("--memory-limit-mb", type=float, help="memory for the blocks (default 1024)")
     predict.add_argument("--min-area-m2", type=float, default=0.0)
     predict.add_argument("--scales", type=float, nargs="+", default=[1.0])
     predict.add_argument("--tta", default="none", choices=["none", "minimal", "standard", "full"])
@@ -169,6 +198,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a model without calibration.json (temperature 1, threshold 0.5)",
     )
+    predict.add_argument(
+        "--bands",
+        nargs="+",
+        metavar="BAND",
+        help="raster band (name or 1-based index) for each model band in order, or MODEL=RASTER pairs",
+    )
+    predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    predict.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    predict.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast of the forward pass: bf16/fp16 on CUDA, bf16 on CPU (fp16 needs CUDA)",
+    )
+    predict.add_argument("--threshold", type=float, help="operating threshold (default: the calibrated one)")
+    predict.add_argument("--region", help="use this region's calibrated threshold")
+    predict.add_argument(
+        "--scheduler",
+        help="run the blocks through dask: threads (local) or a distributed scheduler address (tcp://host:8786)",
+    )
+    predict.add_argument("--workers", type=int, default=4, help="blocks in flight with --scheduler")
+    predict.add_argument("--format", help="read the input with this ingest reader (npz, landslide4sense, ...)")
+    predict.add_argument("--option", action="append", metavar="KEY=VALUE", help="reader option for --format")
+    predict.add_argument(
+        "--allow-input-mismatch",
+        action="store_true",
+        help="warn instead of refusing a raster whose value scale or pixel size differs from the training data",
+    )
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
     predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks written under reports/bench/")
@@ -191,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ParamsError, FileNotFoundError, ValueError) as exc:
+    except (ParamsError, FileNotFoundError, ValueError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

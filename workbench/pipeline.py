@@ -33,6 +33,7 @@ from workbench.run import (
     project_root,
     run_records,
 )
+from workbench.tracking import finish_tracking, track_stage
 
 KEY_METRICS = [
     "test.iou",
@@ -172,6 +173,8 @@ def run_pipeline(
             info["error"] = str(exc)
             error = exc
             break
+        finally:
+            track_stage(run_dir, name, info["notebooks"].get(name, {}).get("status", "failed"), params)
     metrics = merge_metrics(run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(layout.metrics, metrics)
@@ -180,6 +183,7 @@ def run_pipeline(
         info["review_ledger"] = json.loads(layout.ledger_record.read_text(encoding="utf-8"))
     info["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_json_atomic(layout.info, info)
+    finish_tracking(run_dir, info["status"], params)
     write_index(reports)
     if error is not None:
         raise error

@@ -4,6 +4,7 @@ A run lives in `<reports>/<experiment>/<run-id>/`::
 
     params.yaml                     the parameters the run was created with (frozen; every stage reads them)
     run.json                        status, timings, git commit, package versions, per-notebook status
+    tracking.json                   the MLflow run every stage reports to (when train.tracking.uri is set)
     metrics.json                    the merged flat metrics of every stage
     <notebook>.ipynb / .html        the executed notebooks (`.inputs/` holds them while they are staged)
     metrics/<stage>.json            each stage's flat metrics
@@ -13,7 +14,7 @@ A run lives in `<reports>/<experiment>/<run-id>/`::
     diagnostics/                    per-chip Parquet files, per-region and threshold-sweep JSON, CSV tables
     predictions/<name>.zarr         logits of each predicted split
     model/                          the model bundle: model.pt, normalization_stats.json, calibration.json,
-                                    run_info.json
+                                    run_info.json, input_profile.json
     checkpoints/                    resumable Lightning checkpoints (best-*.ckpt, last.ckpt)
     logs/metrics.csv                Lightning's CSV log
     failures/                       the chips of a batch whose loss was not finite
@@ -77,6 +78,8 @@ MODEL_FILE = "model.pt"
 CALIBRATION_FILE = "calibration.json"
 RUN_INFO_FILE = "run_info.json"
 CHECKSUMS_FILE = "checksums.json"  # in a model bundle: sha256 of each of its files
+INPUT_PROFILE_FILE = "input_profile.json"  # in a model bundle: chip size, pixel size, per-band value scale
+TRACKING_FILE = "tracking.json"  # the MLflow run this run reports to (tracking URI, experiment, run id)
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # the name Lightning's ModelCheckpoint gives the resume point
 LOGS_DIR = "logs"
@@ -115,6 +118,11 @@ class RunLayout:
     def metrics(self) -> Path:
         """metrics.json: the merged metrics of every stage."""
         return self.root / METRICS_FILE
+
+    @property
+    def tracking(self) -> Path:
+        """tracking.json: the MLflow run of this run (written by `workbench.tracking`)."""
+        return self.root / TRACKING_FILE
 
     @property
     def metrics_dir(self) -> Path:
@@ -240,6 +248,11 @@ class RunLayout:
     def run_info(self) -> Path:
         return self.model / RUN_INFO_FILE
 
+    @property
+    def input_profile(self) -> Path:
+        """What the model was trained on (chip size, pixel size, band value scale), checked by predict."""
+        return self.model / INPUT_PROFILE_FILE
+
     # training
     @property
     def checkpoints(self) -> Path:
@@ -333,6 +346,21 @@ class RunLayout:
                 "a stage works with the run's frozen parameters (read them with RunLayout.frozen_params), "
                 "or start a new run directory"
             )
+
+
+def mlflow_tracking_uri(uri: str) -> str:
+    """The MLflow URI for `train.tracking.uri`; a plain path becomes an absolute `file:` URI.
+
+    MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set, so it is set for file
+    stores (the database stores need SQLAlchemy, which the skinny client does not install).
+    """
+    import os
+
+    if "://" not in uri and not uri.startswith("file:"):
+        uri = Path(uri).expanduser().resolve().as_uri()
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
 
 
 def index_file(reports: str | Path) -> Path:

@@ -28,6 +28,7 @@ from workbench.infer import (
     predict_raster,
     sliding_window_logits,
 )
+from workbench.infer.raster import NoCrsWarning
 from workbench.models.bundle import BandMismatchError, ModelBundle, load_bundle, save_bundle, write_calibration
 from workbench.params import ModelParams
 
@@ -426,11 +427,16 @@ def test_band_names_argument_names_unlabelled_bands(model_dir: Path, tmp_path: P
     assert run_raster(model_dir, raster, tmp_path / "out", band_names=BANDS).probability.is_file()
 
 
-def test_raster_without_georeference_is_refused(model_dir: Path, tmp_path: Path) -> None:
-    raster = write_raster(tmp_path / "nogeo.tif", np.zeros((2, 40, 40), np.float32), crs=None)
-    with pytest.raises(RasterInputError, match=r"nogeo\.tif"):
-        run_raster(model_dir, raster, tmp_path / "out")
-    assert not (tmp_path / "out" / "probability.tif").exists()
+def test_raster_without_crs_is_predicted_with_a_warning_and_outputs_carry_none(model_dir: Path, tmp_path: Path) -> None:
+    image = blob_scene()
+    raster = write_raster(tmp_path / "nogeo.tif", image, crs=None)
+    with pytest.warns(NoCrsWarning, match=r"nogeo\.tif"):
+        result = run_raster(model_dir, raster, tmp_path / "out")
+    probs, meta = read(result.probability)
+    assert meta["crs"] is None
+    np.testing.assert_allclose(probs[0, 40:], sigmoid(image[0, 40:]), atol=1e-6)
+    features = json.loads(result.polygons.read_text())["features"]
+    assert sorted(f["properties"]["area_px"] for f in features) == [4.0, 9.0, 9.0, 96.0, 100.0]  # areas in pixels
 
 
 def test_missing_raster(model_dir: Path, tmp_path: Path) -> None:

@@ -35,7 +35,9 @@ def tiny(tmp_path: Path) -> list[str]:
 @pytest.mark.slow
 def test_demo_pipeline_writes_complete_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    result = run_pipeline(DEMO, tiny(tmp_path), reports=tmp_path / "reports", progress=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # restored after the test
+    overrides = [*tiny(tmp_path), "train.tracking.uri=mlruns"]
+    result = run_pipeline(DEMO, overrides, reports=tmp_path / "reports", progress=False)
     run_dir = result.run_dir
     assert result.status == "complete"
     assert run_dir.parent == tmp_path / "reports" / "demo"
@@ -62,6 +64,22 @@ def test_demo_pipeline_writes_complete_report(tmp_path: Path, monkeypatch: pytes
     assert width > 2.5 * height  # four panels side by side
     index = (tmp_path / "reports" / "index.html").read_text()
     assert run_dir.name in index and "complete" in index
+    profile = json.loads((run_dir / "model" / "input_profile.json").read_text())
+    assert profile["chip_size"] == 32 and profile["pixel_size_m"] == 10.0  # the synthetic chips' 10 m pixels
+
+    # one MLflow run holds every stage's metrics, the training curves and the artefacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (tracked,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert tracked.info.run_name == run_dir.name and tracked.info.status == "FINISHED"
+    for key in ("test.iou", "calibration.temperature", "review.top_k_recall", "train.last_val_iou"):
+        assert tracked.data.metrics[key] == pytest.approx(metrics[key]), key
+    assert tracked.data.metrics["data.n_chips"] == metrics["data.n_chips"] == 96  # the data stage
+    assert len(client.get_metric_history(tracked.info.run_id, "val/iou")) == 2  # the training logger's curve
+    artefacts = {item.path for item in client.list_artifacts(tracked.info.run_id, "model")}
+    assert {"model/model.pt", "model/calibration.json", "model/input_profile.json"} <= artefacts
+    assert client.list_artifacts(tracked.info.run_id, "figures")
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ from workbench.functional import confusion_counts, iou_score
 from workbench.params import SplitConfig, SyntheticConfig
 
 GENERATOR_VERSION = 1
+PIXEL_SIZE_M = 10.0  # the chips imitate Sentinel-2's 10 m bands
 SOURCE = "synthetic"
 
 S2_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
@@ -782,6 +783,7 @@ def store_attrs(cfg: SyntheticConfig) -> dict[str, Any]:
         "surface_classes": dict(SURFACE_CLASSES),
         "illumination_classes": dict(ILLUMINATION_CLASSES),
         "label_classes": {"background": 0, "water": 1},
+        "pixel_size_m": PIXEL_SIZE_M,
     }
 
 

@@ -6,7 +6,8 @@
   block size), block sizes from a memory limit, and block execution, locally or on a dask cluster;
 - `vectorize`: probabilities to a class mask, polygons merged across block seams, areas, GeoJSON;
 - `raster`: `predict_raster`, a GeoTIFF or DataArray predicted block by block into
-  probability.tif, mask.tif and polygons.geojson;
+  probability.tif, mask.tif (Cloud-Optimized GeoTIFFs) and polygons.geojson, after band mapping
+  and input sanity checks; `predict_input` also reads the ingest readers' formats;
 - `tta`: test-time augmentation over flips and 90-degree rotations (logits averaged);
 - `chips`: the logits of every chip of a split, predicted once per run and stored as Zarr.
 
@@ -16,7 +17,14 @@ windows and chips), and never from `workbench.evaluate` or `workbench.train`.
 
 from workbench.infer.blocks import DEFAULT_MEMORY_LIMIT_MB, PeakMemory, block_size_for_memory, plan_blocks
 from workbench.infer.chips import load_predictions, write_predictions
-from workbench.infer.raster import PredictionResult, RasterInputError, open_raster, predict_raster
+from workbench.infer.raster import (
+    InputMismatchError,
+    PredictionResult,
+    RasterInputError,
+    open_raster,
+    predict_input,
+    predict_raster,
+)
 from workbench.infer.tta import TTA_MODES, predict_with_tta
 from workbench.infer.vectorize import polygons_geojson, probability_to_mask
 from workbench.infer.windows import (
@@ -31,6 +39,7 @@ __all__ = [
     "DEFAULT_MEMORY_LIMIT_MB",
     "DEFAULT_WINDOW",
     "TTA_MODES",
+    "InputMismatchError",
     "PeakMemory",
     "PredictionResult",
     "RasterInputError",
@@ -42,6 +51,7 @@ __all__ = [
     "plan_blocks",
     "polygons_geojson",
     "predict_array",
+    "predict_input",
     "predict_raster",
     "predict_with_tta",
     "probability_to_mask",

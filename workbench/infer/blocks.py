@@ -1,10 +1,11 @@
-"""Block-wise execution of raster inference within a memory limit, locally or on a dask cluster.
+"""Block-wise execution of raster inference within a memory limit, in process or through dask.
 
 A scene larger than memory is processed in blocks: each block reads the rows and columns of every
 window of the whole raster's grid that touches it (a halo), so the blended result does not depend
 on the block size. Block sizes follow from a memory limit; `run_blocks` yields one block's
-probabilities at a time, and when a dask distributed Client is active the blocks run on its
-workers. `PeakMemory` measures what a run actually used.
+probabilities at a time: in this process, as dask delayed tasks on a local scheduler
+(`scheduler="threads"`), or on a dask distributed cluster (`scheduler="tcp://host:8786"`, or a
+Client already active in the session). `PeakMemory` measures what a run actually used.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def block_size_for_memory(
     budget = max(available_mb, memory_limit_mb / 4) * MIB
     side = math.isqrt(int(budget // per_pixel)) - 2 * window
     if side < OUTPUT_TILE:
-        smallest_mb = model_memory_mb + (OUTPUT_TILE + 2 * window) ** 2 * per_pixel / MIB
+        smallest_mb = smallest_memory_limit_mb(channels, classes, window, batch_size, itemsize, model_memory_mb)
         warnings.warn(
             f"memory limit {memory_limit_mb:.0f} MB is below the smallest block for {channels} bands "
             f"(about {smallest_mb:.0f} MB with window {window}); raise the limit or use a smaller window",
@@ -164,6 +165,22 @@ def block_size_for_memory(
             stacklevel=2,
         )
     return max(OUTPUT_TILE, side // OUTPUT_TILE * OUTPUT_TILE)
+
+
+def smallest_memory_limit_mb(
+    channels: int,
+    classes: int,
+    window: int,
+    batch_size: int,
+    itemsize: int = 4,
+    model_memory_mb: float | None = None,
+) -> float:
+    """The smallest memory limit one output-tile block fits in (model memory, GDAL cache and its read)."""
+    if model_memory_mb is None:
+        model_memory_mb = default_model_memory_mb(channels, classes, window, batch_size)
+    per_pixel = channels * (itemsize + 16) + classes * 24 + 16
+    read_mb = (OUTPUT_TILE + 2 * window) ** 2 * per_pixel / MIB
+    return model_memory_mb + read_mb + gdal_cache_mb(model_memory_mb + read_mb)
 
 
 # --------------------------------------------------------------------------- block execution
@@ -191,6 +208,7 @@ class BlockJob:
     tta: str
     device: str
     scales: tuple[float, ...]
+    precision: str = "fp32"
 
     def __call__(self, block: Block) -> tuple[Block, np.ndarray]:
         rows, cols = block.rows, block.cols
@@ -209,6 +227,7 @@ class BlockJob:
             progress=False,
             row_starts=rows.starts,
             col_starts=cols.starts,
+            precision=self.precision,
         )
         core = probs[
             :, rows.core0 - rows.read0 : rows.core1 - rows.read0, cols.core0 - cols.read0 : cols.core1 - cols.read0
@@ -231,25 +250,83 @@ def _active_client() -> Any | None:
         return None
 
 
-def run_blocks(job: BlockJob, blocks: Sequence[Block], max_in_flight: int = 4) -> Iterator[tuple[Block, np.ndarray]]:
-    """Yield (block, probabilities) one block at a time, locally or on an active distributed cluster."""
-    client = _active_client()
-    if client is None:
-        for block in blocks:
-            yield job(block)
+LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
+
+
+def run_blocks(
+    job: BlockJob, blocks: Sequence[Block], max_in_flight: int = 4, scheduler: str | None = None
+) -> Iterator[tuple[Block, np.ndarray]]:
+    """Yield (block, probabilities) one block at a time, in the order of `blocks`.
+
+    `scheduler` None runs the blocks in this process (or on the dask distributed Client active in
+    the session); "threads", "synchronous" or "processes" compute them as dask delayed tasks on that
+    local scheduler, `max_in_flight` at a time; any other value is the address of a dask
+    distributed scheduler to connect to. At most `max_in_flight` blocks are held at once.
+    """
+    if scheduler is None:
+        client = _active_client()
+        if client is None:
+            for block in blocks:
+                yield job(block)
+            return
+        yield from _run_on_client(client, job, blocks, max_in_flight)
         return
-    from distributed import as_completed
+    if scheduler in LOCAL_SCHEDULERS:
+        yield from _run_delayed(job, blocks, max_in_flight, scheduler)
+        return
+    client = connect_scheduler(scheduler)
+    with client:
+        yield from _run_on_client(client, job, blocks, max_in_flight)
+
+
+def connect_scheduler(address: str, timeout_s: float = 10.0) -> Any:
+    """A Client of the dask distributed scheduler at `address`, or an error naming it."""
+    try:
+        from distributed import Client
+    except ImportError as exc:  # pragma: no cover - distributed is a dependency
+        raise RuntimeError("a scheduler address needs the `distributed` package") from exc
+    if "://" not in address and ":" not in address:
+        raise ValueError(
+            f"scheduler {address!r} is neither one of {LOCAL_SCHEDULERS} nor a dask scheduler address "
+            "such as tcp://10.0.0.5:8786"
+        )
+    try:
+        return Client(address, timeout=timeout_s)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(
+            f"cannot reach the dask scheduler at {address} within {timeout_s:.0f} s ({exc}); "
+            "start it with `dask scheduler` and workers with `dask worker ADDRESS`, or use --scheduler threads"
+        ) from None
+
+
+def _run_delayed(
+    job: BlockJob, blocks: Sequence[Block], max_in_flight: int, scheduler: str
+) -> Iterator[tuple[Block, np.ndarray]]:
+    """Blocks as dask delayed tasks computed on a local scheduler, `max_in_flight` per compute."""
+    import dask
+
+    task = dask.delayed(job, pure=False)
+    for start in range(0, len(blocks), max_in_flight):
+        group = [task(block) for block in blocks[start : start + max_in_flight]]
+        yield from dask.compute(*group, scheduler=scheduler, num_workers=max_in_flight)
+
+
+def _run_on_client(
+    client: Any, job: BlockJob, blocks: Sequence[Block], max_in_flight: int
+) -> Iterator[tuple[Block, np.ndarray]]:
+    """Blocks submitted to a distributed Client, `max_in_flight` at a time, yielded in submission order."""
+    from collections import deque
 
     remote_job = client.scatter(job, broadcast=True)
     pending = iter(blocks)
-    futures = as_completed()
+    futures: deque[Any] = deque()
     for block in [b for _, b in zip(range(max_in_flight), pending)]:
-        futures.add(client.submit(_call_job, remote_job, block, pure=False))
-    for future in futures:
-        yield future.result()
+        futures.append(client.submit(_call_job, remote_job, block, pure=False))
+    while futures:
+        yield futures.popleft().result()
         following = next(pending, None)
         if following is not None:
-            futures.add(client.submit(_call_job, remote_job, following, pure=False))
+            futures.append(client.submit(_call_job, remote_job, following, pure=False))
 
 
 def _call_job(job: BlockJob, block: Block) -> tuple[Block, np.ndarray]:

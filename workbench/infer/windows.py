@@ -9,6 +9,7 @@ temperature. Invalid pixels come back as NaN; windows holding only invalid pixel
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,24 @@ from workbench.infer.tta import predict_with_tta, tta_transforms
 from workbench.models.bundle import ModelBundle
 
 DEFAULT_WINDOW = 224
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_context(device: str | torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager[Any]:
+    """Autocast for the model's forward: bf16/fp16 on CUDA, bf16 on CPU; fp32 runs as is.
+
+    fp16 autocast on a CPU is refused: CPU kernels gain nothing from it and some lack fp16 support.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    if kind == "cpu" and precision == "fp16":
+        raise ValueError("fp16 autocast needs a CUDA device; on a CPU use --precision bf16 or fp32")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"autocast at {precision} is supported on cpu and cuda, not {kind!r}; use fp32")
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 # --------------------------------------------------------------------------- window geometry
@@ -126,6 +145,7 @@ def _grid_logits(
     device: str | torch.device,
     pad_mode: str,
     progress: bool,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Blend window logits over `image` (C, H, W): sum(w * logit) / sum(w); NaN where no window ran."""
     height, width = image.shape[-2:]
@@ -139,7 +159,9 @@ def _grid_logits(
     batches = [run[i : i + batch_size] for i in range(0, len(run), batch_size)]
     for batch in tqdm(batches, desc="windows", unit="batch", disable=not progress, leave=False):
         stack = torch.stack([padded[:, r : r + window, c : c + window] for r, c in batch]).to(device)
-        logits = predict_with_tta(model, stack, tta).float().cpu()
+        with autocast_context(device, precision):
+            logits = predict_with_tta(model, stack, tta)
+        logits = logits.float().cpu()
         if logits.ndim != 4 or tuple(logits.shape[-2:]) != (window, window):
             raise ValueError(
                 f"the model returned shape {tuple(logits.shape)} for windows of {window}x{window}; it must keep "
@@ -176,13 +198,26 @@ def _multiscale_logits(
     progress: bool,
     row_starts: Sequence[int] | None = None,
     col_starts: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Average (NaN-aware) the blended logits of each scale, resized back to the input grid."""
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be positive numbers, got {list(scales)}")
     if list(scales) == [1.0]:
         logits = _grid_logits(
-            model, image, valid, row_starts, col_starts, window, stride, batch_size, tta, device, pad_mode, progress
+            model,
+            image,
+            valid,
+            row_starts,
+            col_starts,
+            window,
+            stride,
+            batch_size,
+            tta,
+            device,
+            pad_mode,
+            progress,
+            precision,
         )
         return logits.masked_fill_(~valid, float("nan"))
     height, width = int(image.shape[-2]), int(image.shape[-1])
@@ -203,13 +238,26 @@ def _multiscale_logits(
                 device,
                 pad_mode,
                 progress,
+                precision,
             )
         else:
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             small = _resize(image, size, "bilinear")
             small_valid = _resize(valid[None].float(), size, "nearest")[0] > 0.5
             coarse = _grid_logits(
-                model, small, small_valid, None, None, window, stride, batch_size, tta, device, pad_mode, progress
+                model,
+                small,
+                small_valid,
+                None,
+                None,
+                window,
+                stride,
+                batch_size,
+                tta,
+                device,
+                pad_mode,
+                progress,
+                precision,
             )
             covered = _resize(torch.isfinite(coarse[:1]).float(), (height, width), "bilinear")[0]
             logits = _resize(torch.nan_to_num(coarse, nan=0.0), (height, width), "bilinear")
@@ -234,20 +282,33 @@ def sliding_window_logits(
     scales: Sequence[float] = (1.0,),
     pad_mode: str = "reflect",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Logits (K, H, W) of `model` over an image (C, H, W) of any size, blended across overlapping windows.
 
     The model must already be on `device` and in eval mode. Pixels that are invalid (given by `valid`,
     or non-finite in any band) are filled with 0 for the model and come back as NaN; windows without a
     valid pixel are skipped. With several `scales` the image is resized, predicted and resized back,
-    and the logits are averaged.
+    and the logits are averaged. `precision` bf16/fp16 runs the model's forward under autocast
+    (`autocast_context`); blending stays in float32.
     """
     tensor = _as_image(image)
     mask = _as_valid(valid, tensor)
     tensor = torch.where(mask, tensor, 0.0)
     with torch.inference_mode():
         logits = _multiscale_logits(
-            model, tensor, mask, window, stride or window // 2, batch_size, tta, device, scales, pad_mode, progress
+            model,
+            tensor,
+            mask,
+            window,
+            stride or window // 2,
+            batch_size,
+            tta,
+            device,
+            scales,
+            pad_mode,
+            progress,
+            precision=precision,
         )
     return logits.numpy()
 
@@ -275,6 +336,7 @@ def predict_array(
     progress: bool = True,
     row_starts: Sequence[int] | None = None,
     col_starts: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Calibrated probabilities (K, H, W) for a raw image (C, H, W) in the bundle's band order.
 
@@ -304,5 +366,6 @@ def predict_array(
             progress,
             row_starts,
             col_starts,
+            precision,
         )
     return logits_to_probabilities(logits.numpy(), bundle.temperature)

@@ -7,6 +7,8 @@ Layout (file names from `workbench.run`, since a run's `model/` is a bundle)::
     model_dir/calibration.json          optional: {"temperature": T, "threshold": t, ...}
     model_dir/run_info.json             written by training: parameters, git commit, package versions
     model_dir/checksums.json            sha256 of model.pt, normalization_stats.json and calibration.json
+    model_dir/input_profile.json        optional: training chip size, pixel size and per-band value scale,
+                                        which `workbench predict` compares an input raster against
 
 Keeping weights, band order, normalisation and calibration together means inference cannot
 silently feed a model bands in another order or with other statistics than it was trained on.
@@ -32,7 +34,7 @@ from workbench.data.normalize import NormalizationStats
 from workbench.io import read_json, write_bytes_atomic, write_json_atomic
 from workbench.models.factory import build_model
 from workbench.params import ModelParams
-from workbench.run import CALIBRATION_FILE, CHECKSUMS_FILE, MODEL_FILE, STATS_FILE
+from workbench.run import CALIBRATION_FILE, CHECKSUMS_FILE, INPUT_PROFILE_FILE, MODEL_FILE, STATS_FILE
 
 BUNDLE_FORMAT = 1
 _REQUIRED_KEYS = ("format", "state_dict", "model_params", "bands", "modalities")
@@ -121,6 +123,67 @@ def check_normalization_values(stats: NormalizationStats, source: Path) -> None:
 
 
 @dataclass
+class InputProfile:
+    """What the model's training inputs looked like: chip side, pixel size and per-band mean and spread.
+
+    `workbench predict` uses it for the default window (the chip side) and to refuse rasters on another
+    value scale (e.g. digital numbers x10000 for a model trained on reflectance) or another pixel size.
+    """
+
+    bands: list[str]
+    mean: list[float]
+    std: list[float]
+    chip_size: int | None = None
+    pixel_size_m: float | None = None
+
+    def __post_init__(self) -> None:
+        self.bands = [str(band) for band in self.bands]
+        self.mean, self.std = [float(v) for v in self.mean], [float(v) for v in self.std]
+        if not len(self.bands) == len(self.mean) == len(self.std):
+            raise ValueError(
+                f"input profile lists {len(self.bands)} bands but {len(self.mean)} means and {len(self.std)} stds"
+            )
+        if not all(math.isfinite(v) for v in [*self.mean, *self.std]):
+            raise ValueError(f"input profile holds non-finite band statistics: mean {self.mean}, std {self.std}")
+        if self.chip_size is not None and self.chip_size < 1:
+            raise ValueError(f"input profile chip_size must be positive, got {self.chip_size}")
+        if self.pixel_size_m is not None and not (math.isfinite(self.pixel_size_m) and self.pixel_size_m > 0):
+            raise ValueError(f"input profile pixel_size_m must be a positive number, got {self.pixel_size_m}")
+
+    def typical_scale(self) -> list[float]:
+        """Per band root mean square value sqrt(mean^2 + std^2): the magnitude of typical values."""
+        return [math.hypot(m, s) for m, s in zip(self.mean, self.std)]
+
+    def select(self, bands: Sequence[str]) -> InputProfile:
+        """The profile of a subset / reordering of the bands."""
+        index = [self.bands.index(band) for band in bands]
+        return InputProfile(
+            list(bands), [self.mean[i] for i in index], [self.std[i] for i in index], self.chip_size, self.pixel_size_m
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chip_size": self.chip_size,
+            "pixel_size_m": self.pixel_size_m,
+            "bands": self.bands,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "input profile") -> InputProfile:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"chip_size", "pixel_size_m", "bands", "mean", "std"})
+        if unknown or not {"bands", "mean", "std"} <= set(data):
+            raise ValueError(f"{source}: expected keys chip_size, pixel_size_m, bands, mean, std; got {sorted(data)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+
+
+@dataclass
 class ModelBundle:
     """A trained model ready for inference, with everything needed to feed it correctly."""
 
@@ -133,6 +196,7 @@ class ModelBundle:
     threshold: float = 0.5
     calibration: dict[str, Any] = field(default_factory=dict)
     model_dir: Path | None = None
+    input_profile: InputProfile | None = None  # None for bundles saved without one
 
     @property
     def in_channels(self) -> int:
@@ -174,10 +238,12 @@ def save_bundle(
     modalities: Sequence[str],
     normalization: str | Path | NormalizationStats,
     calibration: dict[str, Any] | None = None,
+    input_profile: InputProfile | None = None,
 ) -> Path:
     """Write a model dir (each file atomically) and return its path.
 
-    The normalisation statistics are stored for exactly `bands`, in that order.
+    The normalisation statistics (and the input profile, when given) are stored for exactly `bands`,
+    in that order.
     """
     bands, modalities = list(bands), list(modalities)
     if len(bands) != len(modalities):
@@ -197,6 +263,8 @@ def save_bundle(
     torch.save(payload, buffer)
     write_bytes_atomic(directory / MODEL_FILE, buffer.getvalue())
     _normalization_stats(normalization).select(bands).save(directory / STATS_FILE)
+    if input_profile is not None:
+        write_json_atomic(directory / INPUT_PROFILE_FILE, input_profile.select(bands).to_dict())
     if calibration is not None:
         write_calibration(directory, calibration)  # also records the checksums
     else:
@@ -302,6 +370,14 @@ def load_bundle(
             "calibration stage (03_calibrate) first, or ask for the uncalibrated model explicitly "
             "(`workbench predict --uncalibrated`, allow_uncalibrated=True)"
         )
+    profile = None
+    profile_path = directory / INPUT_PROFILE_FILE
+    if profile_path.is_file():
+        profile = InputProfile.from_dict(read_json(profile_path), str(profile_path))
+        missing = [band for band in bands if band not in profile.bands]
+        if missing:
+            raise ValueError(f"{profile_path} lacks the model's bands {missing}; re-save the bundle")
+        profile = profile.select(bands)
     return ModelBundle(
         model=model,
         model_params=params,
@@ -312,6 +388,7 @@ def load_bundle(
         threshold=threshold,
         calibration=calibration,
         model_dir=directory,
+        input_profile=profile,
     )
 
 

@@ -29,16 +29,26 @@ import numpy as np
 import torch
 
 from workbench.data.loading import build_datamodule, data_pos_weight
-from workbench.data.normalize import NormalizationStats
+from workbench.data.normalize import NormalizationStats, compute_stats
 from workbench.data.prepare import PreparedData
 from workbench.data.sampling import build_sampler
-from workbench.data.store import read_store_meta
-from workbench.io import write_json_atomic
-from workbench.models.bundle import describe_band_mismatch, save_bundle
+from workbench.data.store import open_store, read_store_meta
+from workbench.io import read_json, write_json_atomic
+from workbench.models.bundle import InputProfile, describe_band_mismatch, save_bundle
 from workbench.models.factory import resolve_architecture
 from workbench.params import Params
-from workbench.run import LOGS_DIR, RUN_INFO_FILE, TRAINING, RunLayout, git_commit, package_versions, project_root
+from workbench.run import (
+    LOGS_DIR,
+    RUN_INFO_FILE,
+    TRAINING,
+    RunLayout,
+    git_commit,
+    mlflow_tracking_uri,
+    package_versions,
+    project_root,
+)
 from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping, LastCheckpoint, RngStateCallback
+from workbench.train.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from workbench.train.ema import EMACallback, FinalWeightsCallback, build_snapshot_callback, build_swa_callback
 from workbench.train.task import SegmentationTask
 
@@ -110,19 +120,6 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
     return callbacks
 
 
-def mlflow_tracking_uri(uri: str) -> str:
-    """The MLflow URI for `train.tracking.uri`; a plain path becomes an absolute `file:` URI.
-
-    MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set, so it is set for file
-    stores (the database stores need SQLAlchemy, which the skinny client does not install).
-    """
-    if "://" not in uri and not uri.startswith("file:"):
-        uri = Path(uri).expanduser().resolve().as_uri()
-    if uri.startswith("file:"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return uri
-
-
 def build_loggers(params: Params, run_dir: Path) -> list[Any]:
     """CSV logs always; MLflow when `train.tracking.uri` is set (a server URI or a local folder)."""
     from lightning.pytorch.loggers import CSVLogger
@@ -132,12 +129,15 @@ def build_loggers(params: Params, run_dir: Path) -> list[Any]:
     if tracking.uri:
         from lightning.pytorch.loggers import MLFlowLogger
 
+        record = RunLayout(run_dir).tracking  # the run's MLflow run, opened by workbench.tracking
+        run_id = read_json(record).get("run_id") if record.is_file() else None
         loggers.append(
             MLFlowLogger(
                 experiment_name=tracking.experiment or params.experiment,
                 tracking_uri=mlflow_tracking_uri(tracking.uri),
                 run_name=run_dir.name,
                 tags={"seed": str(params.seed)},
+                run_id=run_id,
             )
         )
     return loggers
@@ -196,7 +196,6 @@ def build_trainer(
     When the epoch length changes between epochs (curriculum sampling) the training loader is
     rebuilt every epoch, since Lightning sizes an epoch from the loader it was given.
     """
-    from workbench.train.checkpoint_io import AtomicCheckpointIO
 
     cfg = params.train
     varying = epoch_lengths is not None and len(set(epoch_lengths)) > 1
@@ -244,7 +243,6 @@ def normalization_record(stats_path: Path) -> dict[str, Any]:
 
 def check_checkpoint_matches(checkpoint: Path, bands: list[str], normalization: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint whose bands or normalisation differ from the data; say which."""
-    from workbench.train.checkpoint_io import load_checkpoint_file
 
     state = load_checkpoint_file(checkpoint)
     hparams = state.get("hyper_parameters", {})
@@ -359,7 +357,8 @@ def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_di
     """Save the task's final weights as a bundle (EMA averages or a soup, put in place by FinalWeightsCallback)."""
 
     model = getattr(task.model, "_orig_mod", task.model)
-    meta = {band["name"]: band for band in read_store_meta(prepared.store)["bands"]}
+    store_meta = read_store_meta(prepared.store)
+    meta = {band["name"]: band for band in store_meta["bands"]}
     model_dir = RunLayout(run_dir).model
     save_bundle(
         model_dir,
@@ -368,5 +367,30 @@ def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_di
         bands=prepared.bands,
         modalities=[meta[name]["modality"] for name in prepared.bands],
         normalization=prepared.stats_path,
+        input_profile=training_input_profile(prepared, store_meta),
     )
     return model_dir
+
+
+def training_input_profile(prepared: PreparedData, store_meta: dict[str, Any], sample_chips: int = 64) -> Any:
+    """The bundle's InputProfile: chip side and pixel size from the store, per-band mean/std of the train split.
+
+    The train-split normalisation statistics give mean and std when they hold them; otherwise (method
+    "none") they are computed on up to `sample_chips` train chips.
+    """
+
+    stats = NormalizationStats.load(prepared.stats_path).select(prepared.bands)
+    if stats.mean is None or stats.std is None:
+        train = np.flatnonzero(prepared.catalog["split"].to_numpy() == "train")[:sample_chips]
+        ds = open_store(prepared.store, prepared.catalog)
+        stats = compute_stats(ds, train, prepared.bands, method="zscore", progress=False)
+    assert stats.mean is not None and stats.std is not None
+    chip = store_meta.get("chip_size")
+    pixel = store_meta.get("attrs", {}).get("pixel_size_m")
+    return InputProfile(
+        bands=list(prepared.bands),
+        mean=stats.mean,
+        std=stats.std,
+        chip_size=int(min(chip)) if chip else None,
+        pixel_size_m=float(pixel) if pixel else None,
+    )

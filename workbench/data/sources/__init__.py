@@ -85,9 +85,15 @@ def tile_windows(height: int, width: int, chip_size: int, stride: int | None = N
     return [(row, col) for row in rows for col in cols]
 
 
+WHOLE_SCENE = 0  # chip_size asking in-memory readers for whole scenes of any shape (as inference reads them)
+
+
 def resolve_tiling(height: int, width: int, chip_size: int | None, stride: int | None) -> list[tuple[int, int, int]]:
     """(row, col, size) windows for a raster: the whole raster when chip_size is None (it must be square
-    then), otherwise `tile_windows`."""
+    then) or WHOLE_SCENE (any shape: the window is the longer side, clipped by slicing), otherwise
+    `tile_windows`."""
+    if chip_size == WHOLE_SCENE:
+        return [(0, 0, max(height, width))]
     if chip_size is None:
         if height != width:
             raise ValueError(f"a {height}x{width} raster is not square; give a chip_size to tile it")

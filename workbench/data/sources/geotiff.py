@@ -46,6 +46,23 @@ class Raster:
     nodata: float | None
 
 
+def pixel_size_m(transform: Any, crs: Any) -> float | None:
+    """The mean pixel side of a grid in metres (degrees converted at the grid's latitude); None without a CRS."""
+    import math
+
+    if transform is None or crs is None:
+        return None
+    side_x, side_y = math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+    if side_x == 0 or side_y == 0:
+        return None
+    if crs.is_geographic:
+        lat = transform.f + transform.e * 0.5  # near the top edge; enough for a scale check
+        metres_per_degree = 111_320.0
+        return float((side_x * math.cos(math.radians(lat)) + side_y) / 2 * metres_per_degree)
+    factor = crs.linear_units_factor[1] if crs.is_projected else 1.0
+    return float((side_x + side_y) / 2 * factor)
+
+
 def open_raster(path: Path) -> Any:
     """Open a raster with rasterio; a missing or unreadable file gives an error that names it."""
     import rasterio
@@ -266,7 +283,11 @@ def read_geotiff(
     name = stack.paths[0].stem
     chips = stack_chips(stack, label_fn, name, chip_size, stride, "geotiff", str(stack.paths[0]), region, year, split)
     total = len(resolve_tiling(stack.height, stack.width, chip_size, stride))
-    attrs = {"images": [str(p) for p in stack.paths], "label": None if label_path is None else str(label_path)}
+    attrs = {
+        "images": [str(p) for p in stack.paths],
+        "label": None if label_path is None else str(label_path),
+        "pixel_size_m": pixel_size_m(stack.transform, stack.crs),
+    }
     return Source(bands=bands, chips=chips, total=total, attrs=attrs)
 
 

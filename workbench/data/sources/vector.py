@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from workbench.data.sources import Source, SourceError, SourceNotFoundError, as_str_list, resolve_tiling
-from workbench.data.sources.geotiff import RasterStack, band_table, image_paths, stack_chips
+from workbench.data.sources.geotiff import RasterStack, band_table, image_paths, pixel_size_m, stack_chips
 
 VOTES_PLANE = "votes"
 
@@ -124,6 +124,7 @@ def read_vector(
         "n_annotators": len(files),
         "min_votes": threshold,
         "images": [str(p.resolve()) for p in stack.paths],
+        "pixel_size_m": pixel_size_m(stack.transform, stack.crs),
     }
     total = len(resolve_tiling(stack.height, stack.width, chip_size, stride))
     return Source(bands=band_table(stack, band_names, modality, optical), chips=chips, total=total, attrs=attrs)
