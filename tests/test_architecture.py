@@ -35,6 +35,7 @@ FLOORS: dict[str, tuple[float, str]] = {
     "workbench.audit": (4.1, "audit"),
     "workbench.review": (4.1, "review"),
     "workbench.stages": (5.0, "stages"),
+    "workbench.runstatus": (5.5, "runstatus"),
     "workbench.pipeline": (6.0, "pipeline"),
     "workbench.notebook": (6.0, "notebook"),
     "workbench.cli": (6.5, "cli"),
