@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", metavar="RUN_DIR", help="an existing run whose stages --from re-runs")
     run.add_argument("--from", dest="start", metavar="STAGE", help="with --run-dir: re-run from this stage (e.g. 03)")
     run.add_argument(
-        "--cell-timeout", type=float, metavar="SECONDS", help="stop a notebook cell running longer (default: none)"
+        "--cell-timeout", type=int, metavar="SECONDS", help="stop a notebook cell running longer (default: none)"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)

@@ -118,7 +118,7 @@ def execute_notebook(
     parameters: dict[str, Any],
     cwd: Path,
     progress: bool,
-    cell_timeout: float | None = None,
+    cell_timeout: int | None = None,
 ) -> Path:
     """Execute one notebook into the run directory; raise PipelineError naming the failing cell and the cause.
 
@@ -159,9 +159,12 @@ def execute_notebook(
             cell=exc.exec_count,
             cause=f"{exc.ename}: {exc.evalue}",
         ) from None
-    except (DeadKernelError, CellTimeoutError) as exc:
+    except (DeadKernelError, CellTimeoutError, RuntimeError) as exc:
+        dead = isinstance(exc, DeadKernelError) or "kernel died" in str(exc).lower()
+        if not (dead or isinstance(exc, CellTimeoutError)):
+            raise
         index, count = failing_cell(output)
-        if isinstance(exc, DeadKernelError):
+        if dead:
             cause = (
                 "the kernel died (killed by a signal, e.g. the out-of-memory killer, or crashed); "
                 "check the memory of the machine and the batch size"
@@ -228,6 +231,14 @@ def resolve_run_id(run_id: str | None = None) -> str:
             "pass the same --run-id to every process (e.g. --run-id $JOB_ID)"
         )
     return new_run_id()
+
+
+def check_cell_timeout(cell_timeout: int | None) -> None:
+    """Refuse a cell timeout that is not a whole number of seconds >= 1 (papermill counts whole seconds)."""
+    if cell_timeout is not None and (
+        isinstance(cell_timeout, bool) or not isinstance(cell_timeout, int) or cell_timeout < 1
+    ):
+        raise ValueError(f"cell timeout {cell_timeout!r} must be a whole number of seconds >= 1 (or none)")
 
 
 def _event(action: str, notebooks: list[str]) -> dict[str, Any]:
@@ -302,7 +313,7 @@ def run_pipeline(
     run_id: str | None = None,
     notebooks: list[str] | None = None,
     progress: bool = True,
-    cell_timeout: float | None = None,
+    cell_timeout: int | None = None,
 ) -> RunResult:
     """Execute the notebooks of a new run in order; however it ends, run.json and the index record it.
 
@@ -310,6 +321,7 @@ def run_pipeline(
     executes the notebooks and writes reports, figures and the index, while the other ranks wait
     for the data to be prepared and join training (`follow_run`).
     """
+    check_cell_timeout(cell_timeout)
     overrides = list(overrides or [])
     params = load_params(params_file, overrides)
     names = select_notebooks(notebooks)
@@ -345,7 +357,7 @@ def continue_run(
     start: str | None = None,
     notebooks: list[str] | None = None,
     progress: bool = True,
-    cell_timeout: float | None = None,
+    cell_timeout: int | None = None,
 ) -> RunResult:
     """Continue or redo stages of an existing run with its frozen parameters.
 
@@ -353,6 +365,7 @@ def continue_run(
     finish, and training from `checkpoints/last.ckpt`; with `start` (`--run-dir RUN --from 03`), the
     stages from `start` on are executed again. run.json keeps one entry per attempt in `history`.
     """
+    check_cell_timeout(cell_timeout)
     layout = RunLayout(Path(run_dir).resolve())
     if not layout.info.is_file() or not layout.params.is_file():
         raise FileNotFoundError(f"{layout.root} is not a run directory (it lacks {layout.info.name} or params.yaml)")
@@ -428,7 +441,7 @@ def run_seeds(
     reports: str | Path = "reports",
     progress: bool = True,
     notebooks: list[str] | None = None,
-    cell_timeout: float | None = None,
+    cell_timeout: int | None = None,
     run_id: str | None = None,
 ) -> tuple[list[RunResult], Path]:
     """Run the pipeline once per seed (every other option kept) and write a mean ± std table of the key metrics."""
