@@ -252,7 +252,7 @@ def _execute_stages(
     parameters: dict[str, Any],
     reports: Path,
     progress: bool,
-    cell_timeout: float | None,
+    cell_timeout: int | None,
 ) -> RunResult:
     """Execute `names` in order, keep run.json current and record how the run ended (any way it ends)."""
     cwd = Path.cwd()
