@@ -397,7 +397,7 @@ def continue_run(
                 "continue it with --resume first"
             )
     if launcher_rank() != 0:
-        return follow_run(layout, names)
+        return follow_run(layout, names, fresh=False)
     info.update(status=RUNNING, process=process_record(), cell_timeout=cell_timeout)
     for key in ("error", "end", "finished"):
         info.pop(key, None)
@@ -409,11 +409,14 @@ def continue_run(
     return _execute_stages(layout, info, names, parameters, reports, progress, cell_timeout)
 
 
-def follow_run(layout: RunLayout, names: list[str], poll_seconds: float = 1.0) -> RunResult:
+def follow_run(layout: RunLayout, names: list[str], fresh: bool = True, poll_seconds: float = 1.0) -> RunResult:
     """A non-zero rank of a launched run: wait until rank 0 has prepared the data, then join training.
 
     Rank 0 executes the notebooks; when its training stage starts the process group, this process
     is one of its members. A run without the training stage needs nothing from the other ranks.
+    A new run (`fresh`) that ends before training ends the wait; for a continued run, whose run.json
+    still shows the previous attempt's end until rank 0 starts, a failing rank 0 is left to the
+    launcher, which stops the other ranks when one exits with an error.
     """
     from workbench.train.launch import train_run
 
@@ -427,7 +430,7 @@ def follow_run(layout: RunLayout, names: list[str], poll_seconds: float = 1.0) -
         done = info.get("notebooks", {})
         if status == RUNNING and all(done.get(nb, {}).get("status") == "ok" for nb in before):
             break
-        if status in {FAILED, INTERRUPTED, KILLED, COMPLETE}:
+        if fresh and status in {FAILED, INTERRUPTED, KILLED, COMPLETE}:
             raise PipelineError(f"rank 0 of run {layout.root} ended ({status}) before training started")
         time.sleep(poll_seconds)
     result = train_run(layout.root)
