@@ -369,12 +369,11 @@ def continue_run(
     layout = RunLayout(Path(run_dir).resolve())
     if not layout.info.is_file() or not layout.params.is_file():
         raise FileNotFoundError(f"{layout.root} is not a run directory (it lacks {layout.info.name} or params.yaml)")
-    info = read_json(layout.info)
     reports = layout.root.parent.parent
-    mark_dead_runs(reports)
+    if launcher_rank() == 0:
+        with index_lock(reports):
+            mark_dead_runs(reports)
     info = read_json(layout.info)
-    if info.get("status") == RUNNING and process_alive(info.get("process")) is not False:
-        raise ValueError(f"run {layout.root} is still running (process {info.get('process', {}).get('pid')})")
     requested = info.get("requested") or NOTEBOOKS
     if start is None:
         names = [
@@ -398,6 +397,8 @@ def continue_run(
             )
     if launcher_rank() != 0:
         return follow_run(layout, names, fresh=False)
+    if info.get("status") == RUNNING and process_alive(info.get("process")) is not False:
+        raise ValueError(f"run {layout.root} is still running (process {info.get('process', {}).get('pid')})")
     info.update(status=RUNNING, process=process_record(), cell_timeout=cell_timeout)
     for key in ("error", "end", "finished"):
         info.pop(key, None)
