@@ -20,11 +20,17 @@ from workbench.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "params" / "demo.yaml"
-COMPARED = ("train.last_val_loss", "train.last_val_pr_auc", "train.last_train_loss", "val.accuracy", "test.accuracy")
-# two processes with half the batch each see the chips of the single process's batches in the same
-# steps and average the same gradients, but each normalises its half-batch (BatchNorm) and the
-# Dice term is taken per half-batch, so the runs agree to this tolerance, not bit for bit
-DDP_TOLERANCE = 0.05
+COMPARED = ("train.last_val_loss", "train.last_val_loss_bce", "train.last_val_pr_auc", "val.accuracy", "test.accuracy")
+# Two processes with half the batch each take the same steps over the same chips as one process and
+# average the same gradients, but each normalises its half-batch (BatchNorm) and takes the Dice term
+# per half-batch, so they agree to these tolerances (absolute), not bit for bit. Measured on the tiny
+# run: validation loss 1.4558 vs 1.4536, validation BCE 0.52550 vs 0.52553, equal accuracies.
+DDP_TOLERANCE = {
+    "train.last_val_loss": 0.02,
+    "train.last_val_loss_bce": 0.005,
+    "val.accuracy": 0.01,
+    "test.accuracy": 0.01,
+}
 
 
 def workbench(*args: str, reports: Path, env: dict[str, str] | None = None, timeout: float = 900) -> str:
@@ -103,8 +109,8 @@ def test_two_processes_through_papermill_agree_with_one(single: Path, two_proces
     one, two = read_json(single / "metrics.json"), read_json(two_process / "metrics.json")
     assert read_json(two_process / "run.json")["status"] == "complete"
     assert one["train.steps"] == two["train.steps"] == 9  # 22 train chips: 3 steps of 8 (or of 2 x 4) per epoch
-    for key in COMPARED:
-        assert two[key] == pytest.approx(one[key], abs=DDP_TOLERANCE), key
+    for key, tolerance in DDP_TOLERANCE.items():
+        assert two[key] == pytest.approx(one[key], abs=tolerance), key
     assert two["train.last_val_loss"] != one["train.last_val_loss"]  # it really ran another way
     notebook = (two_process / "02_train.ipynb").read_text()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in notebook  # streamed into the notebook
@@ -190,3 +196,41 @@ def test_later_stages_rerun_on_an_existing_run(single: Path) -> None:
     index = (reports / "index.html").read_text()
     assert index.count(f">{single.name}</a>") == 1  # one row, with its history
     assert "re-ran from 03_calibrate" in index
+
+
+def fake_existing_run(tmp_path: Path, notebooks: dict[str, str], status: str) -> Path:
+    from workbench.io import write_json_atomic
+    from workbench.params import load_params
+    from workbench.run import RunLayout
+
+    layout = RunLayout.at(tmp_path / "reports", "demo", "r1")
+    layout.root.mkdir(parents=True)
+    layout.freeze_params(load_params(DEMO))
+    info = {
+        "run_id": "r1",
+        "status": status,
+        "notebooks": {k: {"status": v} for k, v in notebooks.items()},
+        "requested": list(notebooks),
+    }
+    write_json_atomic(layout.info, info)
+    return layout.root
+
+
+def test_continuing_a_run_refuses_what_cannot_be_done(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from workbench import pipeline
+    from workbench.cli import main
+
+    run_dir = fake_existing_run(tmp_path, {"01_data_audit": "ok", "02_train": "failed"}, "failed")
+    with pytest.raises(ValueError, match="has not finished 02_train, which 03_calibrate needs"):
+        pipeline.continue_run(run_dir, start="03")
+    done = fake_existing_run(tmp_path / "b", {name: "ok" for name in ("01_data_audit", "02_train")}, "complete")
+    with pytest.raises(ValueError, match="finished every stage it asked for; use --from"):
+        pipeline.continue_run(done)
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        pipeline.continue_run(tmp_path)
+    assert main(["run", "--resume", str(run_dir), "--set", "seed=1"]) == 2
+    assert "keeps its parameters" in capsys.readouterr().err
+    assert main(["run", "--run-dir", str(run_dir)]) == 2
+    assert "--from" in capsys.readouterr().err
+    assert main(["run", str(DEMO), "--from", "03"]) == 2
+    assert "--run-dir" in capsys.readouterr().err
