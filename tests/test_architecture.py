@@ -36,6 +36,7 @@ FLOORS: dict[str, tuple[float, str]] = {
     "workbench.review": (4.1, "review"),
     "workbench.stages": (5.0, "stages"),
     "workbench.tracking": (5.5, "tracking"),
+    "workbench.runstatus": (5.5, "runstatus"),
     "workbench.pipeline": (6.0, "pipeline"),
     "workbench.notebook": (6.0, "notebook"),
     "workbench.cli": (6.5, "cli"),

@@ -1,4 +1,4 @@
-"""Command line: `workbench run | ingest | download | predict | bench | params`."""
+"""Command line: `workbench run | train | ingest | download | predict | bench | params`."""
 
 from __future__ import annotations
 
@@ -12,23 +12,64 @@ from workbench.run import NOTEBOOKS
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.pipeline import PipelineError, run_pipeline, run_seeds
+    from workbench.pipeline import PipelineError, continue_run, run_pipeline, run_seeds
+    from workbench.runstatus import RunInterrupted
 
+    existing = args.resume or args.run_dir
+    if args.resume and args.run_dir:
+        print("error: give either --resume RUN_DIR or --run-dir RUN_DIR --from STAGE", file=sys.stderr)
+        return 2
+    if args.run_dir and not args.start:
+        print(
+            "error: --run-dir needs --from STAGE (e.g. --from 03); --resume continues an unfinished run",
+            file=sys.stderr,
+        )
+        return 2
+    if existing and (args.params or args.set or args.seeds or args.run_id):
+        print(
+            "error: an existing run keeps its parameters and id; give no PARAMS, --set, --seeds or --run-id",
+            file=sys.stderr,
+        )
+        return 2
+    if not existing and not args.params:
+        print("error: give a parameter file (or --resume RUN_DIR / --run-dir RUN_DIR --from STAGE)", file=sys.stderr)
+        return 2
+    if args.start and not existing:
+        print("error: --from re-runs stages of an existing run: add --run-dir RUN_DIR", file=sys.stderr)
+        return 2
+    options = {"progress": not args.quiet, "cell_timeout": args.cell_timeout, "notebooks": args.notebooks}
     try:
-        if args.seeds:
-            results, table = run_seeds(args.params, args.seeds, args.set, args.reports, progress=not args.quiet)
+        if existing:
+            result = continue_run(existing, start=args.start, **options)
+        elif args.seeds:
+            results, table = run_seeds(args.params, args.seeds, args.set, args.reports, run_id=args.run_id, **options)
             for result in results:
                 print(f"{result.status}: {result.run_dir}")
             print(f"seed summary: {table}")
             return 0
-        result = run_pipeline(args.params, args.set, args.reports, notebooks=args.notebooks, progress=not args.quiet)
+        else:
+            result = run_pipeline(args.params, args.set, args.reports, run_id=args.run_id, **options)
     except PipelineError as exc:
         print(f"run failed: {exc}", file=sys.stderr)
         return 1
+    except RunInterrupted as exc:
+        print(f"run interrupted by {exc.signal_name}; the state is recorded in run.json", file=sys.stderr)
+        return exc.exit_code
+    if result.status == "worker":
+        print(f"rank finished: {result.run_dir}")
+        return 0
     print(f"run complete: {result.run_dir}")
     for key in ("test.iou", "val.iou", "calibration.temperature", "review.top_k_recall", "wall_seconds"):
         if key in result.metrics:
             print(f"  {key} = {result.metrics[key]}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from workbench.train.launch import train_run
+
+    result = train_run(Path(args.run_dir))
+    print(f"trained: {result.model_dir}")
     return 0
 
 
@@ -148,17 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute the notebooks of a run with papermill")
-    run.add_argument("params", help="parameter file, e.g. params/demo.yaml")
+    run.add_argument("params", nargs="?", help="parameter file, e.g. params/demo.yaml")
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_epochs=2"
     )
     run.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     run.add_argument("--seeds", type=int, nargs="+", help="run once per seed and summarise mean ± std")
+    run.add_argument("--notebooks", nargs="+", help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}")
     run.add_argument(
-        "--notebooks", nargs="+", choices=NOTEBOOKS, help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}"
+        "--run-id", help="the run's id (folder name); launchers: the same on every rank (default: SLURM/torchrun id)"
+    )
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a failed, interrupted or killed run")
+    run.add_argument("--run-dir", metavar="RUN_DIR", help="an existing run whose stages --from re-runs")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="with --run-dir: re-run from this stage (e.g. 03)")
+    run.add_argument(
+        "--cell-timeout", type=int, metavar="SECONDS", help="stop a notebook cell running longer (default: none)"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train a prepared run (started by the training stage for multi-process runs)")
+    train.add_argument("run_dir", help="a run directory whose data stage has finished")
+    train.set_defaults(func=cmd_train)
 
     ingest = sub.add_parser("ingest", help="turn an external data set into a chip store")
     ingest.add_argument("format", help="landslide4sense, cloud38, sen1floods11, terramesh, cryosentinel, npz, geotiff")

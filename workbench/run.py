@@ -29,9 +29,10 @@ order a run executes them, and the names of their metric files. The provenance h
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -428,3 +429,41 @@ def new_run_id(seed: int | None = None) -> str:
     """Sortable, unique-enough run id: UTC time plus the seed when several seeds run."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     return f"{stamp}-s{seed}" if seed is not None else stamp
+
+
+# --------------------------------------------------------------------------- launchers (torchrun, SLURM)
+
+
+def launcher_run_id(env: Mapping[str, str] | None = None) -> str | None:
+    """The run id a cluster launcher gives every process of one job, so all ranks share one run directory.
+
+    SLURM: `slurm-<job id>` (plus `.<step id>` for a step of a batch job); torchrun: `torchrun-<rdzv id>`
+    when a rendezvous id is set (`--rdzv-id`, or the one `--standalone` draws). None outside a launcher.
+    """
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    if job:
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm-{job}.{step}" if step else f"slurm-{job}"
+    elastic = env.get("TORCHELASTIC_RUN_ID")
+    if elastic and elastic.lower() != "none":
+        return f"torchrun-{elastic}"
+    return None
+
+
+def launcher_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank under a launcher (RANK from torchrun, SLURM_PROCID from srun); 0 otherwise."""
+    env = os.environ if env is None else env
+    for name in ("RANK", "SLURM_PROCID"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def launcher_world_size(env: Mapping[str, str] | None = None) -> int:
+    """Processes in the launched job (WORLD_SIZE from torchrun, SLURM_NTASKS from srun); 1 otherwise."""
+    env = os.environ if env is None else env
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 1

@@ -43,25 +43,59 @@ def test_index_lists_runs_newest_first_with_status_and_links(tmp_path: Path) -> 
     assert 'href="demo/20260101-000000/02_train.html"' in page
 
 
-def test_run_seeds_writes_mean_and_std(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[list[str]] = []
+def test_run_seeds_writes_mean_and_std_and_keeps_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
 
-    def fake_pipeline(params_file, overrides, reports, run_id=None, notebooks=None, progress=True):  # type: ignore[no-untyped-def]
-        calls.append(list(overrides))
+    def fake_pipeline(params_file, overrides, reports, run_id=None, **options):  # type: ignore[no-untyped-def]
+        calls.append({"overrides": list(overrides), "run_id": run_id, **options})
         seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
         return pipeline.RunResult(tmp_path / str(seed), {"test.iou": 0.8 + seed / 1000, "status_text": "x"}, "complete")
 
     monkeypatch.setattr(pipeline, "run_pipeline", fake_pipeline)
     results, table_path = pipeline.run_seeds(
-        ROOT / "params" / "demo.yaml", [42, 43, 44], ["train.max_epochs=1"], tmp_path
+        ROOT / "params" / "demo.yaml",
+        [42, 43, 44],
+        ["train.max_epochs=1"],
+        tmp_path,
+        notebooks=["01_data_audit", "02_train"],
+        cell_timeout=600,
+        run_id="job7",
     )
-    assert [c[-1] for c in calls] == ["seed=42", "seed=43", "seed=44"]
-    assert all("train.max_epochs=1" in c for c in calls)
+    assert [c["overrides"][-1] for c in calls] == ["seed=42", "seed=43", "seed=44"]
+    assert all("train.max_epochs=1" in c["overrides"] for c in calls)  # type: ignore[operator]
+    assert all(c["notebooks"] == ["01_data_audit", "02_train"] and c["cell_timeout"] == 600 for c in calls)
+    assert [c["run_id"] for c in calls] == ["job7-s42", "job7-s43", "job7-s44"]
     table = pd.read_csv(table_path, index_col=0)
     values = np.array([0.842, 0.843, 0.844])
     assert table.loc["test.iou", "mean"] == pytest.approx(values.mean())
     assert table.loc["test.iou", "std"] == pytest.approx(values.std(ddof=1))
     assert len(results) == 3
+
+
+def test_select_notebooks_by_name_prefix_and_start() -> None:
+    assert pipeline.select_notebooks(None, "03") == ["03_calibrate", "04_label_noise_review"]
+    assert pipeline.select_notebooks(["02", "01_data_audit"]) == ["01_data_audit", "02_train"]
+    assert pipeline.select_notebooks(["01", "02", "04"], "02_train") == ["02_train", "04_label_noise_review"]
+    with pytest.raises(ValueError, match=r"unknown notebook '\.\./\.\./x'"):
+        pipeline.select_notebooks(["../../x"])
+
+
+def test_run_id_comes_from_the_launcher_so_every_rank_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_NTASKS", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert run.launcher_run_id({"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "0"}) == "slurm-812.0"
+    assert run.launcher_run_id({"TORCHELASTIC_RUN_ID": "abc"}) == "torchrun-abc"
+    assert run.launcher_run_id({"TORCHELASTIC_RUN_ID": "none"}) is None
+    assert run.launcher_rank({"RANK": "3", "SLURM_PROCID": "1"}) == 3
+    assert run.launcher_rank({"SLURM_PROCID": "1"}) == 1 and run.launcher_rank({}) == 0
+    assert pipeline.resolve_run_id("given") == "given"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--run-id"):
+        pipeline.resolve_run_id()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r9")
+    assert pipeline.resolve_run_id() == "torchrun-r9"
+    with pytest.raises(ValueError, match="plain folder name"):
+        pipeline.resolve_run_id("../x")
 
 
 def test_cli_params_prints_resolved_values(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ from workbench.stages.base import StageResult, save_stage_figure, write_stage_me
 from workbench.train.card import model_card, sampler_composition, split_summary
 from workbench.train.crossfit import out_of_fold_predictions, use_out_of_fold
 from workbench.train.fit import train_model
+from workbench.train.launch import launch_training, needs_process_group
 from workbench.train.log import divergence_warnings
 
 
@@ -63,6 +64,8 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     """Train, save the model bundle, predict every needed split once, score val/test at 0.5, and report.
 
     With `review.out_of_fold` the train split is also predicted out of fold (`workbench.train.crossfit`).
+    Training that needs several processes (devices, nodes or a DDP strategy) runs as its own process
+    group (`workbench.train.launch`), its output streamed here; the rest of the stage runs in this process.
 
     Besides the scores, the result holds the data and sampler summary (`split_summary`,
     `sampler_composition`), the model card (`model_parts`, `param_groups`), `warnings` (tiny
@@ -76,7 +79,10 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     result = StageResult()
     result.tables["split_summary"] = split_summary(prepared.catalog, params.data.sampler.positive_threshold)
     result.tables["sampler_composition"] = sampler_composition(params, prepared.catalog)
-    trained = train_model(params, prepared, run_dir)
+    if needs_process_group(params):  # DDP cannot start inside a notebook kernel: train as a process group
+        trained = launch_training(params, prepared, run_dir)
+    else:
+        trained = train_model(params, prepared, run_dir)
     parts, groups, lr_warnings = model_card(trained.task)
     result.tables["model_parts"] = parts
     result.tables["param_groups"] = groups
