@@ -18,7 +18,7 @@ import pytest
 
 from workbench.io import read_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "params" / "demo.yaml"
 COMPARED = ("train.last_val_loss", "train.last_val_loss_bce", "train.last_val_pr_auc", "val.accuracy", "test.accuracy")
 # Two processes with half the batch each take the same steps over the same chips as one process and
