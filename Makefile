@@ -30,9 +30,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# RUN=reports/<experiment>/<run-id> opens the notebooks on that run; the token comes from JUPYTER_TOKEN or is
+# generated, and travels in the environment (never on the command line).
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --allow-root \
-		--ServerApp.root_dir=$(CURDIR) --IdentityProvider.token=$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')}
+	$(BIN)/workbench lab $(RUN) --port $(LAB_PORT)
 
 bench: $(STAMP)
 	$(BIN)/workbench bench all

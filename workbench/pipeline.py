@@ -25,7 +25,9 @@ from workbench.run import (
     NOTEBOOKS,
     STAGES,
     RunLayout,
+    file_sha256,
     git_commit,
+    git_dirty,
     index_file,
     new_run_id,
     notebooks_dir,
@@ -149,6 +151,8 @@ def run_pipeline(
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "status": "running",
         "git_commit": git_commit(project_root()),
+        "git_dirty": git_dirty(project_root()),  # tracked sources (notebooks, package) differ from the commit
+        "cwd": str(cwd),  # relative parameter paths (data.store) are taken from here
         "versions": package_versions(),
         "command": sys.argv,
         "notebooks": {},
@@ -159,6 +163,8 @@ def run_pipeline(
     error: PipelineError | None = None
     for name in notebooks or NOTEBOOKS:
         t0 = time.perf_counter()
+        source = notebooks_dir() / f"{name}.py"
+        digest = file_sha256(source) if source.is_file() else None  # the script as executed
         try:
             execute_notebook(name, run_dir, parameters, cwd, progress)
             info["notebooks"][name] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 2)}
@@ -167,6 +173,8 @@ def run_pipeline(
             info["error"] = str(exc)
             error = exc
             break
+        finally:
+            info["notebooks"].setdefault(name, {})["source_sha256"] = digest
     metrics = merge_metrics(run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(layout.metrics, metrics)
