@@ -52,6 +52,26 @@ def _show_short_errors() -> None:
     shell.set_custom_exc((RunNotReady, ParamsError), handler)
 
 
+# library messages that say nothing about the run: Lightning's hardware lines and advertising tips, and
+# deprecation notices inside libraries (they concern the libraries' own code, not the notebook's)
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+QUIET_WARNINGS = (
+    (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
+    (r".*does not have many workers", UserWarning),
+    (r"", DeprecationWarning),
+)
+
+
+def quiet_libraries() -> None:
+    """Keep library noise out of a notebook's output; warnings of the workbench itself still show."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def session_notebook() -> Path | None:
     """The notebook file this kernel was started for in JupyterLab (None under papermill or in a console)."""
     name = os.environ.get(SESSION_VARIABLE, "")
@@ -184,6 +204,7 @@ def open_run(
     given) is checked against the run: its earlier stages' outputs and the chip store must exist.
     """
     _show_short_errors()
+    quiet_libraries()
     _warn_stale_notebook()
     stage = stage or stage_of(session_notebook())
     if stage is not None and stage not in STAGE_NAMES:

@@ -9,8 +9,6 @@ lists every run with its key metrics.
 
 from __future__ import annotations
 
-import html
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import Any
 from workbench.evaluate.summary import seed_summary
 from workbench.io import read_json, write_json_atomic, write_text_atomic
 from workbench.params import load_params
+from workbench.report_pages import export_offline_html, write_reports_index
 from workbench.run import (
     NOTEBOOKS,
     STAGES,
@@ -28,12 +27,10 @@ from workbench.run import (
     file_sha256,
     git_commit,
     git_dirty,
-    index_file,
     new_run_id,
     notebooks_dir,
     package_versions,
     project_root,
-    run_records,
 )
 
 KEY_METRICS = [
@@ -69,13 +66,8 @@ def to_notebook(py_path: Path) -> Any:
 
 
 def export_html(notebook_path: Path) -> Path:
-    """Render an executed notebook to a standalone HTML file beside it."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    notebook = nbformat.read(notebook_path, as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(notebook)
-    return write_text_atomic(notebook_path.with_suffix(".html"), body)
+    """Render an executed notebook to a standalone HTML file beside it (viewable offline)."""
+    return export_offline_html(notebook_path)
 
 
 def execute_notebook(name: str, run_dir: Path, parameters: dict[str, Any], cwd: Path, progress: bool) -> Path:
@@ -207,57 +199,6 @@ def run_seeds(
     return results, out
 
 
-def _row(run_json: Path) -> dict[str, Any]:
-    info = json.loads(run_json.read_text(encoding="utf-8"))
-    metrics_file = RunLayout(run_json.parent).metrics
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-    return {"dir": run_json.parent, "info": info, "metrics": metrics}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
-    return "" if value is None else html.escape(str(value))
-
-
 def write_index(reports: Path) -> Path:
-    """Rewrite `<reports>/index.html`: one row per run (newest first) with links to its notebooks."""
-    reports = Path(reports)
-    rows = sorted((_row(p) for p in run_records(reports)), key=lambda r: r["info"].get("started", ""), reverse=True)
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["date", "experiment", "run", "status", "parameters"])
-    head += "".join(f"<th>{html.escape(k)}</th>" for k in KEY_METRICS) + "<th>notebooks</th>"
-    body = []
-    for row in rows:
-        info, rel = row["info"], row["dir"].relative_to(reports)
-        layout = RunLayout(row["dir"])
-        status = info.get("status", "?")
-        links = " ".join(
-            f'<a href="{html.escape(str(layout.notebook_html(name).relative_to(reports)))}">{name[:2]}</a>'
-            for name in NOTEBOOKS
-            if layout.notebook_html(name).is_file()
-        )
-        cells = [
-            info.get("started", ""),
-            info.get("experiment", ""),
-            f'<a href="{html.escape(str(rel))}/">{html.escape(info.get("run_id", ""))}</a>',
-            f'<span class="{html.escape(status)}">{html.escape(status)}</span>',
-            html.escape(" ".join([str(info.get("params_file", "")), *info.get("overrides", [])])),
-        ]
-        cells = [c if c.startswith("<") else html.escape(c) for c in cells[:2]] + cells[2:]
-        cells += [_fmt(row["metrics"].get(k)) for k in KEY_METRICS] + [links]
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Workbench runs</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 8px; font-size: 13px; }} th {{ background: #eee; }}
-.failed {{ color: #b00; font-weight: bold; }} .complete {{ color: #070; }} .running {{ color: #a60; }}
-</style></head><body>
-<h1>Workbench runs</h1>
-<p>{len(rows)} run(s). Metrics: test/val IoU at the default threshold, temperature and threshold from
-calibration, top-k precision/recall of the label-noise review, wall time in seconds.</p>
-<table><tr>{head}</tr>
-{"".join(body)}
-</table></body></html>
-"""
-    return write_text_atomic(index_file(reports), page)
+    """Rewrite `<reports>/index.html` (sortable, filterable, key metrics per stage) and each run's landing page."""
+    return write_reports_index(reports)

@@ -3,7 +3,9 @@
 A run lives in `<reports>/<experiment>/<run-id>/`::
 
     params.yaml                     the parameters the run was created with (frozen; every stage reads them)
-    run.json                        status, timings, git commit, package versions, per-notebook status
+    run.json                        status, timings, git commit and dirty flag, package versions, per-notebook
+                                    status and source hash
+    index.html                      the run's landing page
     metrics.json                    the merged flat metrics of every stage
     <notebook>.ipynb / .html        the executed notebooks (`.inputs/` holds them while they are staged)
     metrics/<stage>.json            each stage's flat metrics
@@ -124,6 +126,11 @@ class RunLayout:
         """`metrics/<stage>.json` of one stage (a Stage or its metrics name)."""
         name = stage.metrics if isinstance(stage, Stage) else stage
         return self.metrics_dir / f"{name}.json"
+
+    @property
+    def landing(self) -> Path:
+        """index.html: the run's landing page (its notebooks as HTML, figures, metrics)."""
+        return self.root / INDEX_FILE
 
     # executed notebooks
     def notebook(self, name: str) -> Path:
