@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LAB_PORT ?= 8888
 
-.PHONY: demo test lint typecheck unit lab bench clean-env
+.PHONY: demo test lint typecheck unit chromium lab bench clean-env
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy workbench
 
-unit: $(STAMP)
+# the browser tests (pytest -m browser) drive Debian's chromium; installed here when missing
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"
+
+unit: $(STAMP) chromium
 	$(BIN)/pytest
 
 # RUN=reports/<experiment>/<run-id> opens the notebooks on that run; the token comes from JUPYTER_TOKEN or is
