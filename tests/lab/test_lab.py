@@ -149,6 +149,7 @@ def test_open_run_takes_relative_store_paths_from_where_the_run_started(
 def test_open_run_uses_the_run_of_workbench_lab_and_refuses_missing_or_half_written_runs(
     finished_audit_run: RunLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # open_run moves to the run's base folder; restored after the test
     (tmp_path / "stores" / "demo").mkdir(parents=True)
     monkeypatch.setenv(RUN_DIR_VARIABLE, str(finished_audit_run.root))
     monkeypatch.setenv("JPY_SESSION_NAME", str(ROOT / "notebooks" / "01_data_audit.py"))
