@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from workbench.lab import free_port, lab_launch
+from workbench.lab import ensure_kernel, free_port, lab_launch
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")
@@ -70,6 +70,7 @@ def jupyter_lab(root: Path, run_dir: Path | None = None, log: Path | None = None
     Started exactly as `workbench lab` starts it (token in the environment, project configuration), with
     the app exposed to the page's scripts so tests can run JupyterLab commands.
     """
+    ensure_kernel()  # as `workbench lab` does: a headerless script opens with this environment's kernel
     launch = lab_launch(run_dir, port=free_port(18900))
     argv = [*launch.argv, f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True"]
     output = open(log or os.devnull, "w")  # noqa: SIM115
