@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LAB_PORT ?= 8888
 
-.PHONY: demo test lint typecheck unit lab bench clean-env
+.PHONY: demo test lint typecheck unit chromium lab bench clean-env
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy workbench
 
-unit: $(STAMP)
+# the browser tests (pytest -m browser) drive Debian's chromium; installed here when missing
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"
+
+unit: $(STAMP) chromium
 	$(BIN)/pytest
 
+# RUN=reports/<experiment>/<run-id> opens the notebooks on that run; the token comes from JUPYTER_TOKEN or is
+# generated, and travels in the environment (never on the command line).
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --allow-root \
-		--ServerApp.root_dir=$(CURDIR) --IdentityProvider.token=$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')}
+	$(BIN)/workbench lab $(RUN) --port $(LAB_PORT)
 
 bench: $(STAMP)
 	$(BIN)/workbench bench all

@@ -1,16 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 01 · Data audit
 #
@@ -61,7 +48,8 @@ display(audit.tables["leakage"])
 # ## Where the chips are
 # The static map is what HTML reports show. Opened in JupyterLab, the interactive map below it lets
 # you zoom in, toggle splits and hover over a chip for its id. The same map is saved as
-# `figures/split_map.html` in the run directory (its background tiles need internet access).
+# `figures/split_map.html` in the run directory (it opens offline; its OpenStreetMap background is a
+# layer to tick in the map's layer control, and needs internet access).
 # Look for splits that cluster in one corner of the area: a test split drawn from one valley only
 # measures that valley.
 
@@ -145,13 +133,16 @@ if "iou_label_water" in chips:
 # Pick a split and a chip (drop-down or slider) and a band composite: true colour (B04/B03/B02),
 # false colour (B08/B04/B03, vegetation red), SWIR (B12/B8A/B04, water black, snow cyan), SAR
 # (VV, VH and their dB ratio), a DEM hillshade, or any three bands. The label (positive light blue,
-# unlabelled light grey) and the valid mask are shown beside it. Only works in a live kernel.
+# unlabelled light grey) and the valid mask are shown beside it. On a run that already has predictions
+# (`run_dir` set to a finished run, or `workbench lab RUN`), the model's calibrated probability (label
+# outlined in white) and the chip's label-noise review score and rank are shown too. Only works in a live
+# kernel; the HTML report keeps a snapshot of the first chip.
 
 # %%
 try:
     from workbench.audit.explorer import chip_explorer
 
-    display(chip_explorer(prepared.store, prepared.catalog, store_bands))
+    display(chip_explorer(prepared.store, prepared.catalog, store_bands, run=run_path))
 except (ImportError, RuntimeError) as exc:
     print(f"chip explorer not available here ({exc})")
 

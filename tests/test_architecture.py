@@ -39,6 +39,8 @@ FLOORS: dict[str, tuple[float, str]] = {
     "workbench.runstatus": (5.5, "runstatus"),
     "workbench.pipeline": (6.0, "pipeline"),
     "workbench.notebook": (6.0, "notebook"),
+    "workbench.lab": (6.0, "lab"),
+    "workbench.report_pages": (5.9, "report_pages"),
     "workbench.cli": (6.5, "cli"),
     "workbench.bench": (6.2, "bench"),
     "workbench.__main__": (7.0, "main"),

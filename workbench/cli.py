@@ -1,4 +1,4 @@
-"""Command line: `workbench run | train | ingest | download | predict | bench | params`."""
+"""Command line: `workbench run | train | ingest | download | predict | bench | params | lab`."""
 
 from __future__ import annotations
 
@@ -184,6 +184,17 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    from workbench.lab import LabError, start_lab
+
+    try:
+        start_lab(args.run, port=args.port)
+    except LabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="EO segmentation workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("params")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(func=cmd_params)
+    lab = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with a token, optionally working in a run directory")
+    lab.add_argument("run", nargs="?", help="run directory reports/<experiment>/<run-id> the notebooks work in")
+    lab.add_argument("--port", type=int, default=8888)
+    lab.set_defaults(func=cmd_lab)
     return parser
 
 

@@ -9,8 +9,6 @@ lists every run with its key metrics.
 
 from __future__ import annotations
 
-import html
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -20,13 +18,15 @@ from typing import Any
 from workbench.evaluate.summary import seed_summary
 from workbench.io import atomic_notebook_target, read_json, write_json_atomic, write_text_atomic
 from workbench.params import load_params
+from workbench.report_pages import export_offline_html, write_reports_index
 from workbench.run import (
     NOTEBOOKS,
     STAGES,
     TRAINING,
     RunLayout,
+    file_sha256,
     git_commit,
-    index_file,
+    git_dirty,
     launcher_rank,
     launcher_run_id,
     launcher_world_size,
@@ -34,7 +34,6 @@ from workbench.run import (
     notebooks_dir,
     package_versions,
     project_root,
-    run_records,
 )
 from workbench.runstatus import (
     COMPLETE,
@@ -90,13 +89,8 @@ def to_notebook(py_path: Path) -> Any:
 
 
 def export_html(notebook_path: Path) -> Path:
-    """Render an executed notebook to a standalone HTML file beside it."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    notebook = nbformat.read(notebook_path, as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(notebook)
-    return write_text_atomic(notebook_path.with_suffix(".html"), body)
+    """Render an executed notebook to a standalone HTML file beside it (viewable offline)."""
+    return export_offline_html(notebook_path)
 
 
 def failing_cell(notebook_path: Path) -> tuple[int | None, int | None]:
@@ -268,7 +262,12 @@ def _execute_stages(
             for name in names:
                 t0 = time.perf_counter()
                 info["stage"] = name
-                info["notebooks"][name] = {"status": RUNNING, "started": now()}
+                source = notebooks_dir() / f"{name}.py"
+                info["notebooks"][name] = {
+                    "status": RUNNING,
+                    "started": now(),
+                    "source_sha256": file_sha256(source) if source.is_file() else None,  # the script as executed
+                }
                 write_json_atomic(layout.info, info)
                 try:
                     execute_notebook(name, layout.root, parameters, cwd, progress, cell_timeout)
@@ -351,6 +350,8 @@ def run_pipeline(
         "started": now(),
         "status": RUNNING,
         "git_commit": git_commit(project_root()),
+        "git_dirty": git_dirty(project_root()),  # tracked sources (notebooks, package) differ from the commit
+        "cwd": str(Path.cwd()),  # relative parameter paths (data.store) are taken from here
         "versions": package_versions(),
         "command": sys.argv,
         "process": process_record(),
@@ -482,21 +483,8 @@ def run_seeds(
     return results, out
 
 
-def _row(run_json: Path) -> dict[str, Any]:
-    info = json.loads(run_json.read_text(encoding="utf-8"))
-    metrics_file = RunLayout(run_json.parent).metrics
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-    return {"dir": run_json.parent, "info": info, "metrics": metrics}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
-    return "" if value is None else html.escape(str(value))
-
-
 def write_index(reports: Path) -> Path:
-    """Rewrite `<reports>/index.html`: one row per run (newest first) with links to its notebooks.
+    """Rewrite `<reports>/index.html` (sortable, filterable, key metrics per stage) and each run's landing page.
 
     The rewrite holds the reports' index lock, so runs finishing at once all appear, and first marks
     `killed` every run whose process vanished while it was running (`workbench.runstatus`).
@@ -504,57 +492,4 @@ def write_index(reports: Path) -> Path:
     reports = Path(reports)
     with index_lock(reports):
         mark_dead_runs(reports)
-        return _write_index(reports)
-
-
-def _history(info: dict[str, Any]) -> str:
-    """The attempts of a run (created, resumed, re-ran) with how each ended, as one line."""
-    end = info.get("end") or {}
-    where = " · ".join(
-        str(end[k]) for k in ("stage", "signal", "cause") if end.get(k) and end.get("status") != COMPLETE
-    )
-    events = info.get("history", [])
-    steps = "; ".join(f"{e.get('action', '?')} {e.get('started', '')} → {e.get('status', '?')}" for e in events)
-    return " | ".join(part for part in (where, steps if len(events) > 1 else "") if part)
-
-
-def _write_index(reports: Path) -> Path:
-    rows = sorted((_row(p) for p in run_records(reports)), key=lambda r: r["info"].get("started", ""), reverse=True)
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["date", "experiment", "run", "status", "parameters"])
-    head += "".join(f"<th>{html.escape(k)}</th>" for k in KEY_METRICS) + "<th>notebooks</th><th>history</th>"
-    body = []
-    for row in rows:
-        info, rel = row["info"], row["dir"].relative_to(reports)
-        layout = RunLayout(row["dir"])
-        status = info.get("status", "?")
-        links = " ".join(
-            f'<a href="{html.escape(str(layout.notebook_html(name).relative_to(reports)))}">{name[:2]}</a>'
-            for name in NOTEBOOKS
-            if layout.notebook_html(name).is_file()
-        )
-        overrides = info.get("overrides") or []
-        cells = [  # every run.json field is escaped: a tampered or odd value never becomes markup
-            html.escape(str(info.get("started", ""))),
-            html.escape(str(info.get("experiment", ""))),
-            f'<a href="{html.escape(str(rel))}/">{html.escape(str(info.get("run_id", "")))}</a>',
-            f'<span class="{html.escape(str(status))}">{html.escape(str(status))}</span>',
-            html.escape(" ".join([str(info.get("params_file", "")), *map(str, overrides)])),
-        ]
-        cells += [_fmt(row["metrics"].get(k)) for k in KEY_METRICS] + [links, html.escape(_history(info))]
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Workbench runs</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 8px; font-size: 13px; }} th {{ background: #eee; }}
-.failed, .killed {{ color: #b00; font-weight: bold; }} .complete {{ color: #070; }} .running {{ color: #a60; }}
-.interrupted {{ color: #a60; font-weight: bold; }}
-</style></head><body>
-<h1>Workbench runs</h1>
-<p>{len(rows)} run(s). Metrics: test/val IoU at the default threshold, temperature and threshold from
-calibration, top-k precision/recall of the label-noise review, wall time in seconds.</p>
-<table><tr>{head}</tr>
-{"".join(body)}
-</table></body></html>
-"""
-    return write_text_atomic(index_file(reports), page)
+        return write_reports_index(reports)

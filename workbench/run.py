@@ -3,7 +3,9 @@
 A run lives in `<reports>/<experiment>/<run-id>/`::
 
     params.yaml                     the parameters the run was created with (frozen; every stage reads them)
-    run.json                        status, timings, git commit, package versions, per-notebook status
+    run.json                        status, timings, git commit and dirty flag, package versions, per-notebook
+                                    status and source hash
+    index.html                      the run's landing page
     tracking.json                   the MLflow run every stage reports to (when train.tracking.uri is set)
     metrics.json                    the merged flat metrics of every stage
     <notebook>.ipynb / .html        the executed notebooks (`.inputs/` holds them while they are staged)
@@ -29,6 +31,8 @@ order a run executes them, and the names of their metric files. The provenance h
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -89,6 +93,7 @@ FAILURES_DIR = "failures"
 SNAPSHOTS_DIR = "snapshots"
 FOLDS_DIR = "folds"
 INTERACTIVE_RUN = "interactive"  # the run id of notebooks opened by hand
+RUN_DIR_VARIABLE = "WORKBENCH_RUN_DIR"  # set by `workbench lab RUN`: the run notebooks opened by hand work in
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,11 @@ class RunLayout:
         """`metrics/<stage>.json` of one stage (a Stage or its metrics name)."""
         name = stage.metrics if isinstance(stage, Stage) else stage
         return self.metrics_dir / f"{name}.json"
+
+    @property
+    def landing(self) -> Path:
+        """index.html: the run's landing page (its notebooks as HTML, figures, metrics)."""
+        return self.root / INDEX_FILE
 
     # executed notebooks
     def notebook(self, name: str) -> Path:
@@ -376,6 +386,18 @@ def run_records(reports: str | Path) -> Iterator[Path]:
 
 def param_differences(a: Params, b: Params) -> list[str]:
     """Dotted keys whose values differ between two parameter sets."""
+    left, right = flat_params(a), flat_params(b)
+    return sorted(key for key in left.keys() | right.keys() if left.get(key) != right.get(key))
+
+
+# Parameters a model's weights depend on: a checkpoint trained with other values of these is not resumed.
+# train.max_epochs may grow between a finished run and its resumption (training for longer).
+TRAINING_SECTIONS = ("seed", "data", "model", "train")
+RESUMABLE_CHANGES = ("train.max_epochs",)
+
+
+def flat_params(params: Params) -> dict[str, Any]:
+    """The parameters as one flat dict of dotted keys (JSON values)."""
 
     def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(tree, dict):
@@ -385,8 +407,26 @@ def param_differences(a: Params, b: Params) -> list[str]:
             return out
         return {prefix.rstrip("."): tree}
 
-    left, right = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
-    return sorted(key for key in left.keys() | right.keys() if left.get(key) != right.get(key))
+    return flat(params.model_dump(mode="json"))
+
+
+def training_params(params: Params) -> dict[str, Any]:
+    """The flat parameters that decide a model's weights (`TRAINING_SECTIONS` less `RESUMABLE_CHANGES`)."""
+    return {
+        key: value
+        for key, value in flat_params(params).items()
+        if key.split(".")[0] in TRAINING_SECTIONS and key not in RESUMABLE_CHANGES
+    }
+
+
+def params_hash(values: dict[str, Any]) -> str:
+    """sha256 of a flat parameter dict (key order does not matter)."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (the notebook sources a run executed)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- provenance
@@ -412,6 +452,26 @@ def git_commit(root: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def git_dirty(root: Path) -> bool | None:
+    """Whether tracked files of the project (package, notebooks, parameters) differ from the commit.
+
+    None outside a git checkout. Untracked files do not count; a notebook cell added while exploring and
+    autosaved into its tracked `.py` does.
+    """
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip())
 
 
 def package_versions() -> dict[str, str]:

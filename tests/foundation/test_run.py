@@ -86,6 +86,7 @@ def test_open_run_refuses_overrides_that_change_the_frozen_params(tmp_path: Path
 
 def test_open_run_freezes_a_new_run_directory(tmp_path: Path) -> None:
     source = source_file(tmp_path)
+    (tmp_path / "fresh").mkdir()
     params, path = open_run(str(source), ["seed=5"], str(tmp_path / "fresh"))
     assert path == tmp_path / "fresh" and load_params(path / "params.yaml") == params and params.seed == 5
 

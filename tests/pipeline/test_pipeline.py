@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from workbench.pipeline import PipelineError, run_pipeline
-from workbench.run import NOTEBOOKS
+from workbench.run import NOTEBOOKS, file_sha256, notebooks_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "params" / "demo.yaml"
@@ -54,6 +54,24 @@ def test_demo_pipeline_writes_complete_report(tmp_path: Path, monkeypatch: pytes
     assert metrics["wall_seconds"] > 0
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete" and set(run["notebooks"]) == set(NOTEBOOKS)
+    assert isinstance(run["git_dirty"], bool) and run["cwd"] == str(tmp_path)
+    for name in NOTEBOOKS:  # provenance: the exact script each notebook ran
+        assert run["notebooks"][name]["source_sha256"] == file_sha256(notebooks_dir() / f"{name}.py")
+    stderr = [
+        "".join(output.get("text", ""))
+        for name in NOTEBOOKS
+        for cell in nbformat.read(run_dir / f"{name}.ipynb", as_version=4).cells
+        for output in cell.get("outputs", [])
+        if output.get("name") == "stderr"
+    ]
+    assert not [text for text in stderr if "Tip:" in text or "GPU available" in text or "deprecated" in text]
+    calibration_images = [
+        output["data"]["image/png"]
+        for cell in nbformat.read(run_dir / "03_calibrate.ipynb", as_version=4).cells
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert calibration_images and len(set(calibration_images)) == len(calibration_images)  # each figure once
     for name in ("model.pt", "normalization_stats.json", "calibration.json"):
         assert (run_dir / "model" / name).is_file()
     assert (run_dir / "diagnostics" / "per_chip_test.parquet").is_file()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,11 @@ import pandas as pd
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from workbench.arrays import IGNORE_INDEX
+from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.audit.stats import ALL, AuditInputError
 from workbench.data.store import ChipReader
 from workbench.figures import INVALID_GREY, SPLIT_COLOURS, WATER_BLUE, rgb_composite
+from workbench.run import RunLayout
 
 IGNORE_RGB = (0.78, 0.78, 0.78)
 BACKGROUND_RGB = (0.11, 0.11, 0.11)
@@ -37,6 +40,61 @@ DEFAULT_COMPOSITES: dict[str, tuple[str, ...]] = {
     "SAR (VV/VH/VV-VH dB ratio)": ("VV", "VH", "VV-VH"),
     "DEM hillshade": ("hillshade(DEM)",),
 }
+
+
+@dataclass
+class RunOverlay:
+    """A finished run's view of the chips: calibrated probabilities of each predicted chip, review scores.
+
+    `probabilities[store position]` is the chip's probability map (temperature-scaled with the run's
+    calibration when it has one); `scores` and `ranks` come from the review's `diagnostics/review.parquet`.
+    """
+
+    probabilities: dict[int, np.ndarray]
+    threshold: float
+    scores: dict[str, float]
+    ranks: dict[str, int]
+    source: Path
+
+    def probability(self, position: int) -> np.ndarray | None:
+        return self.probabilities.get(int(position))
+
+    def describe(self, chip_id: str) -> str:
+        """The chip's review score and rank, or '' when the review did not score it."""
+        if chip_id not in self.scores:
+            return ""
+        return f"review score {self.scores[chip_id]:.3f} (rank {self.ranks.get(chip_id, 0)} of {len(self.scores)})"
+
+
+def run_overlay(run_dir: str | Path) -> RunOverlay | None:
+    """The predictions and review scores of a run directory (None when it has no predictions yet).
+
+    Every `predictions/<name>.zarr` is read (out-of-fold train predictions win over in-fold ones), so a
+    chip of any predicted split shows the model's probability map.
+    """
+    import xarray as xr
+
+    layout = RunLayout(Path(run_dir))
+    stores = sorted(layout.predictions_dir.glob("*.zarr")) if layout.predictions_dir.is_dir() else []
+    if not stores:
+        return None
+    calibration = json.loads(layout.calibration.read_text()) if layout.calibration.is_file() else {}
+    temperature = float(calibration.get("temperature", 1.0))
+    threshold = float(calibration.get("threshold", 0.5))
+    probabilities: dict[int, np.ndarray] = {}
+    for path in sorted(stores, key=lambda p: p.stem.endswith("_oof")):  # out-of-fold last: they win
+        with xr.open_zarr(path, consolidated=False) as predictions:
+            logits = np.asarray(predictions["logit"].values, dtype=np.float32)
+            for position, logit in zip(np.asarray(predictions["chip_index"].values), logits):
+                probabilities[int(position)] = sigmoid(logit / temperature, np.float32)
+    scores: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    review = layout.diagnostic("review.parquet")
+    if review.is_file():
+        table = pd.read_parquet(review, columns=["chip_id", "score", "rank"])
+        scores = {str(k): float(v) for k, v in zip(table["chip_id"], table["score"])}
+        ranks = {str(k): int(v) for k, v in zip(table["chip_id"], table["rank"])}
+    return RunOverlay(probabilities, threshold, scores, ranks, layout.root)
 
 
 class CompositeError(ValueError):
@@ -151,21 +209,38 @@ def chip_figure(
     valid: np.ndarray,
     bands: Sequence[str],
     title: str = "",
+    probability: np.ndarray | None = None,
+    threshold: float = 0.5,
 ) -> Figure:
-    """Composite | label | valid mask of one chip."""
+    """Composite | label | valid mask of one chip; with `probability`, the model's prediction before the mask.
+
+    The prediction panel shows the probability (0 dark to 1 yellow) with the label's outline on top and
+    the share of pixels at or above `threshold` in its title.
+    """
     valid = np.asarray(valid, dtype=bool)
     label = np.asarray(label)
-    fig = Figure(figsize=(11, 3.9), layout="constrained")
-    ax_image, ax_label, ax_valid = fig.subplots(1, 3)
+    panels = 3 if probability is None else 4
+    fig = Figure(figsize=(3.7 * panels, 3.9), layout="constrained")
+    axes = list(fig.subplots(1, panels))
+    ax_image, ax_label, ax_valid = axes[0], axes[1], axes[-1]
     ax_image.imshow(composite(image, band_names, bands, valid), interpolation="nearest")
     ax_image.set_title(" / ".join(bands))
     scored = valid & (label != IGNORE_INDEX)
     share = float(((label > 0) & scored).sum() / max(int(scored.sum()), 1))
     ax_label.imshow(label_rgb(label, valid), interpolation="nearest")
     ax_label.set_title(f"label: {share:.1%} positive")
+    if probability is not None:
+        ax_pred = axes[2]
+        prob = np.where(valid, np.asarray(probability, dtype=np.float64), np.nan)
+        ax_pred.imshow(prob, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        positive = (label > 0) & (label != IGNORE_INDEX)
+        if positive.any() and not positive.all():
+            ax_pred.contour(positive.astype(float), levels=[0.5], colors="white", linewidths=0.8)
+        predicted = float(((prob >= threshold) & scored).sum() / max(int(scored.sum()), 1))
+        ax_pred.set_title(f"prediction: {predicted:.1%} ≥ {threshold:.2f}")
     ax_valid.imshow(valid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax_valid.set_title(f"valid: {valid.mean():.1%} (black = nodata)")
-    for ax in (ax_image, ax_label, ax_valid):
+    for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
@@ -183,7 +258,9 @@ def figure_png(fig: Figure, dpi: int = 90) -> bytes:
 class ChipExplorer(widgets.VBox):  # type: ignore[misc]
     """Pick a split, a chip (dropdown or slider) and a band composite; shows composite, label and valid mask.
 
-    The rendered PNG is in `self.image.value`; `self.figure()` returns the current figure.
+    With a `RunOverlay` (a run's predictions and review scores) the chip's predicted probability is drawn
+    beside its label and the caption gives its review score and rank. The rendered PNG is in
+    `self.image.value`; `self.figure()` returns the current figure.
     """
 
     def __init__(
@@ -192,7 +269,9 @@ class ChipExplorer(widgets.VBox):  # type: ignore[misc]
         catalog: pd.DataFrame,
         band_names: Sequence[str],
         composites: Mapping[str, Sequence[str]] | None = None,
+        overlay: RunOverlay | None = None,
     ) -> None:
+        self.overlay = overlay
         self.readers = {name: ChipReader(store, name) for name in ("image", "label", "valid")}
         if len(catalog) != len(self.readers["image"]):
             raise AuditInputError(
@@ -285,7 +364,9 @@ class ChipExplorer(widgets.VBox):  # type: ignore[misc]
         title = " · ".join(
             str(part) for part in (row["chip_id"], row.get("split", ""), row.get("region", ""), row.get("year", ""))
         )
-        return chip_figure(image, self.band_names, label, valid, self.bands(), title)
+        probability = self.overlay.probability(position) if self.overlay is not None else None
+        threshold = self.overlay.threshold if self.overlay is not None else 0.5
+        return chip_figure(image, self.band_names, label, valid, self.bands(), title, probability, threshold)
 
     def render(self) -> None:
         """Redraw the image for the current selection."""
@@ -299,7 +380,16 @@ class ChipExplorer(widgets.VBox):  # type: ignore[misc]
             self.image.value = b""
             return
         chip = html.escape(str(self.chip.value))  # chip ids come from file names: never markup
-        self.caption.value = f"<b>{chip}</b> ({self.position.value + 1} of {len(self.chip.options)})"
+        caption = f"<b>{chip}</b> ({self.position.value + 1} of {len(self.chip.options)})"
+        if self.overlay is not None:
+            position = self._positions[str(self.chip.value)]
+            has_prediction = self.overlay.probability(position) is not None
+            details = [
+                html.escape(self.overlay.describe(str(self.chip.value))),
+                "" if has_prediction else "not predicted",
+            ]
+            caption += "".join(f" · {part}" for part in details if part)
+        self.caption.value = caption
         self.image.value = figure_png(fig)
 
 
@@ -308,6 +398,11 @@ def chip_explorer(
     catalog: pd.DataFrame,
     band_names: Sequence[str],
     composites: Mapping[str, Sequence[str]] | None = None,
+    run: str | Path | None = None,
 ) -> ChipExplorer:
-    """An ipywidgets chip explorer over a store (`catalog` in store order, `band_names` all store bands)."""
-    return ChipExplorer(store, catalog, band_names, composites)
+    """An ipywidgets chip explorer over a store (`catalog` in store order, `band_names` all store bands).
+
+    With `run` (a run directory that has predictions), the run's prediction and review score are shown too.
+    """
+    overlay = run_overlay(run) if run is not None else None
+    return ChipExplorer(store, catalog, band_names, composites, overlay)

@@ -68,9 +68,10 @@ def _safe_tooltip(text: str) -> Any:
 def split_map(catalog: pd.DataFrame, backend: str = "folium", basemap: bool = True) -> Any:
     """Interactive map of chip centres coloured by split, one toggleable layer per split.
 
-    backend "folium" returns a `folium.Map` (static HTML, no kernel needed: `save_map_html`);
-    "leafmap" returns a `leafmap.Map` (ipyleaflet widget for JupyterLab). With `basemap` an
-    OpenStreetMap layer is added; it only loads with internet access, the points show either way.
+    backend "folium" returns a `folium.Map` (static HTML, no kernel needed: `save_map_html`) with
+    Leaflet inlined, so the saved file renders offline; "leafmap" returns a `leafmap.Map` (ipyleaflet
+    widget for JupyterLab). With `basemap` an OpenStreetMap layer is added (in the folium map as a layer
+    that is off until ticked, so an offline report requests no tiles); the points show either way.
     """
     points = _map_points(catalog)
     centre = (float(points["lat"].mean()), float(points["lon"].mean()))
@@ -89,12 +90,33 @@ def split_map(catalog: pd.DataFrame, backend: str = "folium", basemap: bool = Tr
     raise ValueError(f"map backend must be 'folium' or 'leafmap', got {backend!r}")
 
 
+LEAFLET_ASSETS = Path(__file__).resolve().parent / "assets" / "leaflet"
+
+
+def _offline_assets(fmap: Any) -> None:
+    """Inline the vendored Leaflet script and style into the map's page instead of folium's CDN links.
+
+    The points, layers, tooltips and layer control need Leaflet only (no jQuery, Bootstrap or icon fonts),
+    so a saved map renders from a file on a machine without internet access.
+    """
+    import folium
+
+    fmap.default_js = []
+    fmap.default_css = []
+    script = (LEAFLET_ASSETS / "leaflet.js").read_text(encoding="utf-8")
+    style = (LEAFLET_ASSETS / "leaflet.css").read_text(encoding="utf-8")
+    fmap.get_root().header.add_child(folium.Element(f"<style>{style}</style>\n<script>{script}</script>"), index=0)
+
+
 def _folium_map(
     points: pd.DataFrame, centre: tuple[float, float], bounds: list[list[float]], colours: dict[str, str], basemap: bool
 ) -> Any:
     import folium
 
-    fmap = folium.Map(location=centre, zoom_start=8, tiles="OpenStreetMap" if basemap else None)
+    fmap = folium.Map(location=centre, zoom_start=8, tiles=None)
+    _offline_assets(fmap)
+    if basemap:  # off until ticked in the layer control: no tile is requested from an offline report
+        folium.TileLayer("OpenStreetMap", name="OpenStreetMap (needs internet)", overlay=True, show=False).add_to(fmap)
     for name, colour in colours.items():
         layer = folium.FeatureGroup(name=f"{name} ({int((points['split'] == name).sum())})")
         for row in points[points["split"] == name].to_dict(orient="records"):

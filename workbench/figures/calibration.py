@@ -1,6 +1,7 @@
 """Calibration and ranking figures: reliability diagrams and precision-recall curves.
 
-These draw on pyplot figures (`matplotlib.pyplot.subplots`) or on axes handed in, from the tables of
+These draw on `matplotlib.figure.Figure` objects (never registered with pyplot, so a notebook shows each
+figure once, where it is displayed) or on axes handed in, from the tables of
 `workbench.evaluate.calibration.reliability_table` and the curves of `workbench.evaluate.scoring.pr_curve_record`.
 """
 
@@ -18,10 +19,9 @@ from numpy.typing import ArrayLike
 
 def plot_reliability(tables: Mapping[str, pd.DataFrame], ax: Axes | None = None) -> Figure:
     """Reliability diagram: observed frequency against mean probability per bin, one line per table."""
-    import matplotlib.pyplot as plt
-
     if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
     else:
         fig = ax.figure  # type: ignore[assignment]
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
@@ -39,10 +39,9 @@ def plot_reliability(tables: Mapping[str, pd.DataFrame], ax: Axes | None = None)
 
 def plot_pr_curves(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], ax: Axes | None = None) -> Figure:
     """Precision-recall curves; `curves` maps a name to (precision, recall)."""
-    import matplotlib.pyplot as plt
-
     if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
     else:
         fig = ax.figure  # type: ignore[assignment]
     for name, (precision, recall) in curves.items():
@@ -58,9 +57,8 @@ def plot_pr_curves(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], ax: Axes |
 
 def plot_reliability_grid(tables: Mapping[str, Mapping[str, pd.DataFrame]]) -> Figure:
     """Reliability diagrams: one row per split, equal-width and equal-mass bins side by side, before/after."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(tables), 2, figsize=(9, 4.3 * len(tables)), squeeze=False)
+    fig = Figure(figsize=(9, 4.3 * len(tables)))
+    axes = fig.subplots(len(tables), 2, squeeze=False)
     for row, (split, split_tables) in enumerate(tables.items()):
         for col, (strategy, title) in enumerate((("uniform", "equal-width bins"), ("quantile", "equal-mass bins"))):
             ax = axes[row, col]
@@ -81,9 +79,8 @@ def plot_pr_curves_with_baseline(
 
     `log_precision` puts precision on a log axis, which keeps curves at prevalences of 1e-3 visible.
     """
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
     for name, curve in curves.items():
         (line,) = ax.step(curve["recall"], curve["precision"], where="post", label=f"{name} (AP {curve['pr_auc']:.3g})")
         ax.axhline(curve["prevalence"], color=line.get_color(), linestyle="--", linewidth=0.8)

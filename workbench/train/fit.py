@@ -45,7 +45,9 @@ from workbench.run import (
     git_commit,
     mlflow_tracking_uri,
     package_versions,
+    params_hash,
     project_root,
+    training_params,
 )
 from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping, LastCheckpoint, RngStateCallback
 from workbench.train.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
@@ -103,6 +105,7 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
         LastCheckpoint(directory, every_n_train_steps=cfg.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
         RngStateCallback(),
+        ParamsStamp(params),
     ]
     if cfg.optimizer.freeze_backbone_epochs:
         prefix = getattr(task.model, "backbone_prefix", "encoder")
@@ -223,7 +226,7 @@ def build_trainer(
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint was trained on other bands or other normalisation statistics than the data."""
+    """A checkpoint was trained on other bands, normalisation statistics or parameters than the run has now."""
 
 
 def normalization_record(stats_path: Path) -> dict[str, Any]:
@@ -271,6 +274,45 @@ def check_checkpoint_matches(checkpoint: Path, bands: list[str], normalization: 
             )
 
 
+PARAMS_KEY = "workbench_params"  # the training parameters stored in every checkpoint
+PARAMS_HASH_KEY = "workbench_params_hash"
+
+
+class ParamsStamp(L.Callback):
+    """Store the training parameters (and their hash) in every checkpoint, so a resume can compare them."""
+
+    def __init__(self, params: Params) -> None:
+        self.values = training_params(params)
+        self.digest = params_hash(self.values)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PARAMS_KEY] = self.values
+        checkpoint[PARAMS_HASH_KEY] = self.digest
+
+
+def check_checkpoint_params(checkpoint: Path, params: Params) -> None:
+    """Refuse to resume from a checkpoint trained with other parameters (loss, learning rate, ...); say which.
+
+    The checkpoint's stored hash is compared with the current training parameters' hash; on a mismatch the
+    differing keys are named. Checkpoints written before parameters were stored pass (bands and
+    normalisation are still checked by `check_checkpoint_matches`).
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved_hash = state.get(PARAMS_HASH_KEY)
+    current = training_params(params)
+    if saved_hash is None or saved_hash == params_hash(current):
+        return
+    saved = state.get(PARAMS_KEY) or {}
+    changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    shown = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    raise CheckpointMismatch(
+        f"not resuming: {checkpoint} was trained with other parameters ({shown}{more}). Nothing was trained or "
+        f"overwritten. To train from scratch with these parameters, delete {checkpoint.parent} (and model/) of this "
+        "run, or start a new run directory"
+    )
+
+
 def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir: Path) -> Any:
     """The SegmentationTask for a prepared run.
 
@@ -314,6 +356,7 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     last = layout.last_checkpoint
     resumed = resume and last.is_file()
     if resumed:
+        check_checkpoint_params(last, params)
         check_checkpoint_matches(last, prepared.bands, normalization_record(prepared.stats_path))
     started = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
