@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from workbench.run import NOTEBOOKS
+from workbench.run import NOTEBOOKS, STAGE_NAMES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -206,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     run.add_argument("--seeds", type=int, nargs="+", help="run once per seed and summarise mean ± std")
-    run.add_argument("--notebooks", nargs="+", help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}")
+    run.add_argument(
+        "--notebooks",
+        nargs="+",
+        choices=STAGE_NAMES,
+        metavar="NOTEBOOK",
+        help=f"run only these notebooks, of {' '.join(NOTEBOOKS)} (or their prefixes 01 ... 04)",
+    )
     run.add_argument(
         "--run-id", help="the run's id (folder name); launchers: the same on every rank (default: SLURM/torchrun id)"
     )

@@ -21,6 +21,7 @@ from workbench.params import load_params
 from workbench.report_pages import export_offline_html, write_reports_index
 from workbench.run import (
     NOTEBOOKS,
+    STAGE_NAMES,
     STAGES,
     TRAINING,
     RunLayout,
@@ -331,7 +332,7 @@ def run_pipeline(
     """
     check_cell_timeout(cell_timeout)
     overrides = list(overrides or [])
-    unknown = [name for name in notebooks or [] if name not in NOTEBOOKS]
+    unknown = [name for name in notebooks or [] if name not in STAGE_NAMES]
     if unknown:
         raise ValueError(f"unknown notebook(s) {unknown}; choose among the stages {', '.join(NOTEBOOKS)}")
     params = load_params(params_file, overrides)

@@ -62,6 +62,8 @@ CALIBRATION = Stage("03_calibrate", "calibration")
 REVIEW = Stage("04_label_noise_review", "review")
 STAGES = (DATA_AUDIT, TRAINING, CALIBRATION, REVIEW)
 NOTEBOOKS = [stage.notebook for stage in STAGES]
+STAGE_NAMES = [*NOTEBOOKS, *(name[:2] for name in NOTEBOOKS)]
+"""Names a command line accepts for a stage: the notebook name or its two-digit prefix."""
 
 # --------------------------------------------------------------------------- file and folder names
 

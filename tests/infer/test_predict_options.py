@@ -257,10 +257,11 @@ def test_outputs_are_valid_cogs_with_overviews(tmp_path: Path) -> None:
 def test_npz_input_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stats = NormalizationStats(bands=BANDS, method="none")
     model_dir = tmp_path / "model"
-    save_bundle(model_dir, nn.Conv2d(2, 1, 1), ModelParams(), BANDS, ["S2L2A"] * 2, stats)
-    weights = torch.load(model_dir / "model.pt", weights_only=True)
-    weights["state_dict"] = {"weight": torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), "bias": torch.zeros(1)}
-    torch.save(weights, model_dir / "model.pt")
+    first_band = nn.Conv2d(2, 1, 1)
+    with torch.no_grad():
+        first_band.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+        first_band.bias.zero_()
+    save_bundle(model_dir, first_band, ModelParams(), BANDS, ["S2L2A"] * 2, stats)
     image = scene(64, 48)
     archive = tmp_path / "scene.npz"
     np.savez(archive, img=np.moveaxis(image, 0, -1))  # HWC, no label
@@ -270,7 +271,20 @@ def test_npz_input_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     original = bundle_module._build_from_factory
     bundle_module._build_from_factory = lambda params, bands, modalities: nn.Conv2d(2, 1, 1)  # type: ignore[assignment]
     try:
-        code = main(["predict", str(model_dir), str(archive), str(out), "--bands", "1", "2", "--device", "cpu"])
+        code = main(
+            [
+                "predict",
+                str(model_dir),
+                str(archive),
+                str(out),
+                "--bands",
+                "1",
+                "2",
+                "--device",
+                "cpu",
+                "--uncalibrated",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 0, err
         assert "has no CRS" in err
@@ -280,7 +294,7 @@ def test_npz_input_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
         # a file GDAL cannot read: a clear message pointing at --format, not a raw traceback
         junk = tmp_path / "scene.dat"
         junk.write_bytes(b"not a raster")
-        assert main(["predict", str(model_dir), str(junk), str(out)]) == 2
+        assert main(["predict", str(model_dir), str(junk), str(out), "--uncalibrated"]) == 2
         assert "--format" in capsys.readouterr().err
     finally:
         bundle_module._build_from_factory = original  # type: ignore[assignment]
