@@ -14,6 +14,9 @@ from workbench.run import NOTEBOOKS
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.pipeline import PipelineError, run_pipeline, run_seeds
 
+    if args.smoke:
+        args.set = ["profile=smoke", *args.set]
+
     try:
         if args.seeds:
             results, table = run_seeds(args.params, args.seeds, args.set, args.reports, progress=not args.quiet)
@@ -42,6 +45,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         chip_size=args.chip_size,
         stride=args.stride,
         overwrite=args.overwrite,
+        split=args.split,
+        split_options=parse_options(args.split_option or []),
         **parse_options(args.option or []),
     )
     print(report.summary())
@@ -128,16 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, nargs="+", help="run once per seed and summarise mean ± std")
     run.add_argument("--notebooks", nargs="+", help=f"run only these notebooks, of {' '.join(NOTEBOOKS)}")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--smoke", action="store_true", help="the smoke profile (profile=smoke): the recipe on a CPU in minutes"
+    )
     run.set_defaults(func=cmd_run)
 
+    from workbench.data.formats import FORMAT_NAMES
+
     ingest = sub.add_parser("ingest", help="turn an external data set into a chip store")
-    ingest.add_argument("format", help="landslide4sense, cloud38, sen1floods11, terramesh, cryosentinel, npz, geotiff")
+    ingest.add_argument("format", choices=FORMAT_NAMES, metavar="FORMAT", help="one of: " + ", ".join(FORMAT_NAMES))
     ingest.add_argument("src")
     ingest.add_argument("dest")
     ingest.add_argument("--chip-size", type=int)
     ingest.add_argument("--stride", type=int)
     ingest.add_argument("--option", action="append", metavar="KEY=VALUE", help="reader option (YAML value)")
     ingest.add_argument("--overwrite", action="store_true")
+    ingest.add_argument(
+        "--split",
+        choices=["catalog", "random", "source", "rows", "block", "region"],
+        help="write this split into the catalog (random, source or rows need no coordinates)",
+    )
+    ingest.add_argument(
+        "--split-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="split setting, e.g. train_percent=70, buffer_px=64",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
     fetch = sub.add_parser("download", help="fetch a public data set (resumable, checksummed) for `ingest`")

@@ -100,6 +100,7 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
             threshold=threshold,
             green=params.data.green_band,
             swir=params.data.swir_band,
+            rgb=params.data.rgb_bands,
         )
         name = Path(four_panel_filename(int(row["year"]), float(row["lat"]), float(row["lon"]))).stem
         save_stage_figure(fig, run_dir, f"review/{int(row['rank']):02d}_{name}", result)
