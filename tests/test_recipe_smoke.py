@@ -120,3 +120,8 @@ def test_recipe_smoke_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         catalog = read_catalog(store)
         assert metrics["data.n_chips"] == len(catalog)
     assert (run_dir / "model" / "model.pt").is_file()
+    final = json.loads((run_dir / "model" / "run_info.json").read_text())["final_weights"]
+    candidates = {row["candidate"] for row in final["candidates"]}
+    if name == "cryosentinel":  # EMA + SWA + soup: none of them is discarded before the choice
+        assert candidates == {"best", "swa", "ema", "soup"}
+    assert final["weights"] in candidates

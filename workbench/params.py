@@ -240,6 +240,11 @@ class TrainParams(StrictModel):
     ema: EmaConfig = Field(default_factory=EmaConfig)
     swa: SwaConfig = Field(default_factory=SwaConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    final_weights: Literal["best_val", "best", "last", "ema", "swa", "soup"] = Field(
+        "best_val",
+        description="weights saved in model/: best_val = the candidate (best checkpoint, last, EMA, SWA, soup) "
+        "scoring best on the validation split by the checkpoint metric, or one candidate by name",
+    )
     checkpoint_every_n_steps: int | None = Field(None, ge=1)
     val_every_n_epochs: int = Field(1, ge=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -427,7 +432,7 @@ def smoke_settings(tree: dict[str, Any]) -> list[str]:
     settings = list(SMOKE_SETTINGS)
     data = tree.get("data") or {}
     if data.get("source", "synthetic") == "synthetic":
-        settings += SMOKE_SYNTHETIC + [f"data.store={data.get('store', 'data-cache/demo')}-smoke"]
+        settings += [*SMOKE_SYNTHETIC, f"data.store={data.get('store', 'data-cache/demo')}-smoke"]
     swa = ((tree.get("train") or {}).get("swa")) or {}
     if swa.get("soup_snapshots"):
         settings.append("train.swa.soup_snapshots=1")

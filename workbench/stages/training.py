@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.params import Params
-from workbench.run import TRAINING, RunLayout
+from workbench.run import FINAL_WEIGHTS_TABLE, TRAINING, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 
 
@@ -66,6 +66,9 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     result.tables["split_summary"] = split_summary(prepared.catalog, params.data.sampler.positive_threshold)
     result.tables["sampler_composition"] = sampler_composition(params, prepared.catalog)
     trained = train_model(params, prepared, run_dir)
+    final_table = RunLayout(run_dir).diagnostic(FINAL_WEIGHTS_TABLE)
+    if final_table.is_file():
+        result.tables["final_weights"] = pd.read_csv(final_table)
     parts, groups, lr_warnings = model_card(trained.task)
     result.tables["model_parts"] = parts
     result.tables["param_groups"] = groups
