@@ -56,7 +56,7 @@ def _divergence_since_best(both: pd.DataFrame, min_rise: float) -> list[str]:
     if val_last < val_best * (1.0 + min_rise) or not train_last < train_best:
         return []
     return [
-        f"train-validation divergence: since its lowest value at epoch {int(best)}, val loss rose "
+        f"train-validation divergence: since its lowest value at epoch {int(after.index[0])}, val loss rose "
         f"{val_best:.4g} -> {val_last:.4g} (epoch {int(after.index[-1])}) while train loss fell "
         f"{train_best:.4g} -> {train_last:.4g}; the saved weights come from train.final_weights (default: the "
         "candidate best on validation); consider stronger augmentation, more regularisation or earlier stopping"
