@@ -1,4 +1,4 @@
-"""Command line: `workbench run | ingest | download | predict | bench | params`."""
+"""Command line: `workbench run | ingest | download | evaluate | predict | bench | params`."""
 
 from __future__ import annotations
 
@@ -81,6 +81,20 @@ def cmd_download(args: argparse.Namespace) -> int:
         return 1
     print(f"{len(result.files)} file(s) in {result.dest}; manifest {result.manifest}")
     print(f"next: {result.next_command}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workbench.data.bands import parse_band_map
+    from workbench.stages.external import evaluate_external
+
+    run_dir, metrics = evaluate_external(
+        args.model, args.store, parse_band_map(args.bands), reports=args.reports, tta=args.tta
+    )
+    print(f"external evaluation: {run_dir}")
+    for key in ("test.raw.iou", "test.calibrated.iou", "test.calibrated.f1", "calibration.ece_after"):
+        if key in metrics:
+            print(f"  {key} = {metrics[key]}")
     return 0
 
 
@@ -171,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--no-extract", action="store_true", help="keep archives packed")
     fetch.add_argument("--quiet", action="store_true", help="no progress bars")
     fetch.set_defaults(func=cmd_download)
+
+    evaluate = sub.add_parser("evaluate", help="score a trained model on another chip store, as a run of its own")
+    evaluate.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory or its model/ folder")
+    evaluate.add_argument("store", metavar="STORE", help="chip store to score (every labelled chip)")
+    evaluate.add_argument("--bands", help="MODEL=STORE band pairs, comma separated (aliases are matched already)")
+    evaluate.add_argument("--reports", default="reports")
+    evaluate.add_argument("--tta", default="none", choices=["none", "minimal", "standard", "full"])
+    evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="sliding-window inference over a GeoTIFF")
     predict.add_argument("model_dir")

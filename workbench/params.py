@@ -261,6 +261,9 @@ class EvaluateParams(StrictModel):
     object_iou: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.1])
     sweep_thresholds: list[float] = Field(default_factory=lambda: [round(0.1 + 0.05 * i, 2) for i in range(17)])
     histogram_bins: int = Field(1000, ge=10)
+    external: list[Path] = Field(
+        default_factory=list, description="other chip stores the run's model is scored on after calibration"
+    )
 
 
 class CalibrateParams(StrictModel):

@@ -166,6 +166,8 @@ def run_pipeline(
             info["error"] = str(exc)
             error = exc
             break
+    if error is None and params.evaluate.external and (layout.model / "model.pt").is_file():
+        info["external"] = score_external_stores(params, run_dir, reports)
     metrics = merge_metrics(run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(layout.metrics, metrics)
@@ -176,6 +178,17 @@ def run_pipeline(
     if error is not None:
         raise error
     return RunResult(run_dir, metrics, info["status"])
+
+
+def score_external_stores(params: Any, run_dir: Path, reports: Path) -> list[dict[str, Any]]:
+    """Score the run's (calibrated) model on each `evaluate.external` store; one linked run per store."""
+    from workbench.stages.external import evaluate_external
+
+    done = []
+    for store in params.evaluate.external:
+        external_dir, metrics = evaluate_external(run_dir, store, reports=reports, tta=params.evaluate.tta)
+        done.append({"store": str(store), "run_dir": str(external_dir), "iou": metrics.get("test.calibrated.iou")})
+    return done
 
 
 def run_seeds(
