@@ -66,7 +66,7 @@ def score_candidate(task: Any, state: dict[str, Any], datamodule: Any, params: P
     """Validation metrics of one candidate (a plain validation pass, no callbacks, no logger)."""
     import lightning as L
 
-    from workbench.train.fit import resolve_hardware
+    from workbench.train.hardware import resolve_hardware
 
     hardware = resolve_hardware(params, warn=False).train
     task.load_state_dict(state)
@@ -85,16 +85,20 @@ def score_candidate(task: Any, state: dict[str, Any], datamodule: Any, params: P
 
 
 def choose_final_weights(
-    params: Params, task: Any, datamodule: Any, run_dir: Path, best_checkpoint: Path | None
+    params: Params,
+    task: Any,
+    datamodule: Any,
+    run_dir: Path,
+    best_checkpoint: Path | None,
+    monitor: str = "val/iou",
+    mode: str = "max",
 ) -> dict[str, Any]:
     """Score every candidate on the validation split, load the chosen one into `task`, and report.
 
-    Writes `diagnostics/train_final_weights.csv` and returns {"weights", "rule", "metric", "mode",
+    `monitor` / `mode` are the checkpoint metric (`workbench.train.fit.checkpoint_monitor`). Writes
+    `diagnostics/train_final_weights.csv` and returns {"weights", "rule", "metric", "mode",
     "candidates": [{"candidate", "score", "val_loss", "val_iou", "chosen"}]}; removes the candidate files.
     """
-    from workbench.train.fit import checkpoint_monitor
-
-    monitor, mode = checkpoint_monitor(params)
     candidates = load_candidates(run_dir, best_checkpoint)
     if not candidates:
         return {}

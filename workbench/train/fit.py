@@ -33,6 +33,9 @@ from workbench.data.prepare import PreparedData
 from workbench.io import write_json_atomic
 from workbench.params import Params
 from workbench.run import LOGS_DIR, RUN_INFO_FILE, TRAINING, RunLayout, git_commit, package_versions, project_root
+from workbench.train.hardware import CpuFallbackWarning, gpu_available, resolve_hardware
+
+__all__ = ["CpuFallbackWarning", "gpu_available", "resolve_hardware"]
 
 DDP_STRATEGIES = {"ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"}
 
@@ -158,40 +161,6 @@ def has_unused_parameters(params: Params) -> bool:
     except ValueError:
         is_smp = False
     return params.train.optimizer.freeze_backbone_epochs > 0 or (is_smp and model.encoder_depth < 5)
-
-
-class CpuFallbackWarning(UserWarning):
-    """A recipe asked for a GPU on a machine without one and runs on the CPU instead."""
-
-
-def gpu_available(accelerator: str) -> bool:
-    """Whether the accelerator a parameter file names exists on this machine."""
-    if accelerator in ("gpu", "cuda"):
-        return bool(torch.cuda.is_available()) or (accelerator == "gpu" and torch.backends.mps.is_available())
-    if accelerator == "mps":
-        return bool(torch.backends.mps.is_available())
-    return True
-
-
-def resolve_hardware(params: Params, warn: bool = True) -> Params:
-    """`params` as they run here: a GPU recipe on a machine without a GPU falls back to one CPU process
-    in 32-bit precision (mixed precision on a CPU is slow or, for fp16, unsupported), with a warning,
-    instead of Lightning's `No supported gpu backend found!`."""
-    cfg = params.train
-    if gpu_available(cfg.accelerator):
-        return params
-    if warn:
-        import warnings
-
-        warnings.warn(
-            f"train.accelerator={cfg.accelerator} but this machine has no such device; training on the CPU "
-            f"(1 process, precision 32-true instead of {cfg.precision}, strategy auto). Set train.accelerator=cpu "
-            "to silence this, or run on a GPU machine for the recipe's speed",
-            CpuFallbackWarning,
-            stacklevel=2,
-        )
-    train = cfg.model_copy(update={"accelerator": "cpu", "devices": 1, "precision": "32-true", "strategy": "auto"})
-    return params.model_copy(update={"train": train})
 
 
 def build_strategy(params: Params) -> Any:
@@ -365,7 +334,8 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
         from workbench.train.final import choose_final_weights
 
-        final = choose_final_weights(params, task, datamodule, run_dir, Path(best) if best else None)
+        monitor, mode = checkpoint_monitor(params)
+        final = choose_final_weights(params, task, datamodule, run_dir, Path(best) if best else None, monitor, mode)
         save_trained_model(params, prepared, task, run_dir)
         write_run_info(params, model_dir, resumed_from=str(last) if resumed else None, final_weights=final)
     metrics = {
