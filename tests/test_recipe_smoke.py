@@ -34,7 +34,11 @@ def cloud38(raw: Path, store: Path) -> list[str]:
 
 def thaw_slumps(raw: Path, store: Path) -> list[str]:
     grid = fakes.make_geotiff(raw / "img", height=128, width=96, bands=3)
-    squares = [[(10, 20, 12), (70, 40, 10)], [(11, 21, 12), (70, 40, 9)], [(10, 20, 11)]]
+    squares = [  # three annotators; the consensus (2 of 3 votes) has a slump in each row band
+        [(10, 20, 12), (70, 40, 10), (100, 10, 12)],
+        [(11, 21, 12), (70, 40, 9), (101, 10, 12)],
+        [(10, 20, 11), (100, 11, 11)],
+    ]
     labels = fakes.make_vector_labels(raw / "labels", grid, squares)
     ingest(
         "vector",
