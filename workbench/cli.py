@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.data.formats import FORMAT_NAMES
 
     ingest = sub.add_parser("ingest", help="turn an external data set into a chip store")
-    ingest.add_argument("format", choices=FORMAT_NAMES, metavar="FORMAT", help="one of: " + ", ".join(FORMAT_NAMES))
+    ingest.add_argument("format", metavar="FORMAT", help="one of: " + ", ".join(FORMAT_NAMES))
     ingest.add_argument("src")
     ingest.add_argument("dest")
     ingest.add_argument("--chip-size", type=int)
