@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import load_fakes
 
 from workbench.cli import main
@@ -114,8 +115,9 @@ def test_recipe_smoke_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     run_dir = next((reports / name).iterdir())
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete" and list(run["notebooks"]) == NOTEBOOKS
-    frozen = (run_dir / "params.yaml").read_text()
-    assert "profile: smoke" in frozen and "max_epochs: 1" in frozen and "accelerator: cpu" in frozen
+    frozen = yaml.safe_load((run_dir / "params.yaml").read_text())
+    assert frozen["profile"] == "smoke" and frozen["train"]["accelerator"] == "cpu"
+    assert frozen["train"]["max_epochs"] == (2 if frozen["train"]["optimizer"]["freeze_backbone_epochs"] else 1)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["test.iou"] <= 1.0 or np.isnan(metrics["test.iou"])
     assert metrics["calibration.temperature"] > 0

@@ -431,7 +431,7 @@ SMOKE_SYNTHETIC = ["data.synthetic.n_chips=48", "data.synthetic.chip_size=32"]
 
 def smoke_settings(tree: dict[str, Any]) -> list[str]:
     """The overrides of the smoke profile for a parameter tree (a smaller synthetic store for synthetic data,
-    at most one soup snapshot)."""
+    at most one soup snapshot, one frozen-backbone epoch before one unfrozen)."""
     settings = list(SMOKE_SETTINGS)
     data = tree.get("data") or {}
     if data.get("source", "synthetic") == "synthetic":
@@ -439,6 +439,9 @@ def smoke_settings(tree: dict[str, Any]) -> list[str]:
     swa = ((tree.get("train") or {}).get("swa")) or {}
     if swa.get("soup_snapshots"):
         settings.append("train.swa.soup_snapshots=1")
+    optimizer = ((tree.get("train") or {}).get("optimizer")) or {}
+    if optimizer.get("freeze_backbone_epochs"):  # one frozen epoch, then one with the backbone training
+        settings += ["train.optimizer.freeze_backbone_epochs=1", "train.max_epochs=2"]
     return settings
 
 
