@@ -35,14 +35,19 @@ show_metrics(audit.metrics)
 
 # %% [markdown]
 # ## Splits
-# Chips are assigned to train / val / test by hashing 0.15° blocks; chips near a block edge fall in
-# a buffer and are left out, so no lake is shared between splits. The leakage table gives the
+# Chips are assigned to train / val / test by `data.split.method`: hashed 0.15° blocks (chips near a
+# block edge fall in a buffer and are left out, so no lake is shared between splits), held-out
+# regions, the data set's own split, whole scenes or files, row bands of a scene, or a seeded random
+# draw (the last three need no coordinates). When the chips have coordinates, the leakage table gives the
 # smallest distance between chips of two different splits: it should be well above the size of a
 # lake and its catchment (kilometres, not metres).
 
 # %%
 display(audit.tables["split_summary"])
-display(audit.tables["leakage"])
+if audit.metrics["data.has_coordinates"]:
+    display(audit.tables["leakage"])
+else:
+    print(f"split method {audit.metrics['data.split_method']}: no coordinates, no leakage distances")
 
 # %% [markdown]
 # ## Where the chips are
@@ -54,14 +59,17 @@ display(audit.tables["leakage"])
 # measures that valley.
 
 # %%
-show_figures([audit.figures["split_map"]])
+if "split_map" in audit.figures:
+    show_figures([audit.figures["split_map"]])
+else:
+    print("the chips have no coordinates: no map")
 
 # %%
 try:
     from workbench.audit import split_map
 
     display(split_map(prepared.catalog, backend="leafmap"))
-except (ImportError, RuntimeError) as exc:
+except (ImportError, RuntimeError, ValueError) as exc:
     print(f"interactive map not available here ({exc}); the static map above shows the same chips")
 
 # %% [markdown]

@@ -70,6 +70,17 @@ show_figures({"training_curves": training.figures["training_curves"]})
 show_metrics({k: v for k, v in training.metrics.items() if k.startswith(("val.", "test.", "train."))})
 
 # %% [markdown]
+# ## Final weights
+# The candidates for the saved model (the best checkpoint, the last weights or the SWA average, the
+# EMA averages, the model soup: whichever the run has) scored on the validation split by the
+# checkpoint metric; `train.final_weights` picks one (default `best_val`: the best score). The bundle's
+# `run_info.json` records which weights it holds.
+
+# %%
+if "final_weights" in training.tables:
+    display(training.tables["final_weights"])
+
+# %% [markdown]
 # ## Predictions on validation chips
 # RGB, label and predicted probability (cyan contour at the decision threshold) for validation
 # chips from the worst to the best IoU, followed by chips without a label where the model predicts

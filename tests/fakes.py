@@ -291,3 +291,36 @@ def make_vector_labels(root: Path, geotiff: dict[str, Any], squares: list[list[t
         frame.to_crs("EPSG:4326").to_file(path, driver="GeoJSON")
         paths.append(path)
     return paths
+
+
+# ImpactMesh-Flood -----------------------------------------------------------------------------------------
+IMPACTMESH_MODALITIES = {"S2L2A": 12, "S1RTC": 2, "DEM": 1}
+IMPACTMESH_S2 = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
+
+
+def impactmesh_band_names(timesteps: int = 4) -> list[str]:
+    """Band names of the stack: the 15 bands of each time step with the suffix _t<k>."""
+    return [f"{band}_t{k}" for k in range(timesteps) for band in [*IMPACTMESH_S2, "VV", "VH", "DEM"]]
+
+
+def make_impactmesh(root: Path, size: int = 64, timesteps: int = 4, seed: int = 0) -> dict[str, Any]:
+    """<root>/<modality>_t<k>.tif for each time step k (S2L2A 12 bands, S1RTC VV/VH in dB, DEM) and
+    <root>/label.tif (water 1 on a disc, dark in S2 and S1), UTM zone 22S, 10 m. `files` lists the images in
+    the band order of `impactmesh_band_names` (pass them as the geotiff reader's `images` option); the file
+    stems are the modality labels (S2L2A_t0, ...)."""
+    rng = np.random.default_rng(seed)
+    transform = utm_transform()
+    yy, xx = np.mgrid[0:size, 0:size]
+    water = ((yy - size / 2) ** 2 + (xx - size / 3) ** 2 < (size / 4) ** 2).astype(np.uint8)
+    files = []
+    for k in range(timesteps):
+        for modality, count in IMPACTMESH_MODALITIES.items():
+            if modality == "S2L2A":
+                data = rng.normal(2000, 300, (count, size, size)) * np.where(water, 0.2, 1.0)
+            elif modality == "S1RTC":
+                data = rng.normal(-10, 1.5, (count, size, size)) - 10 * water
+            else:
+                data = 1000 + 0.5 * xx[None] + rng.normal(0, 1, (1, size, size))
+            files.append(write_tif(root / f"{modality}_t{k}.tif", data.astype(np.float32), transform, UTM_CRS))
+    write_tif(root / "label.tif", water, transform, UTM_CRS)
+    return {"files": files, "label": water, "bands": impactmesh_band_names(timesteps)}

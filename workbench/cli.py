@@ -1,4 +1,4 @@
-"""Command line: `workbench run | train | ingest | download | predict | bench | params | lab`."""
+"""Command line: `workbench run | train | ingest | download | evaluate | predict | bench | params | lab`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from workbench.run import NOTEBOOKS, STAGE_NAMES
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.pipeline import PipelineError, continue_run, run_pipeline, run_seeds
     from workbench.runstatus import RunInterrupted
+
+    if args.smoke:
+        args.set = ["profile=smoke", *args.set]
 
     existing = args.resume or args.run_dir
     if args.resume and args.run_dir:
@@ -83,6 +86,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         chip_size=args.chip_size,
         stride=args.stride,
         overwrite=args.overwrite,
+        split=args.split,
+        split_options=parse_options(args.split_option or []),
         **parse_options(args.option or []),
     )
     print(report.summary())
@@ -117,6 +122,20 @@ def cmd_download(args: argparse.Namespace) -> int:
         return 1
     print(f"{len(result.files)} file(s) in {result.dest}; manifest {result.manifest}")
     print(f"next: {result.next_command}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workbench.data.bands import parse_band_map
+    from workbench.stages.external import evaluate_external
+
+    run_dir, metrics = evaluate_external(
+        args.model, args.store, parse_band_map(args.bands), reports=args.reports, tta=args.tta
+    )
+    print(f"external evaluation: {run_dir}")
+    for key in ("test.raw.iou", "test.calibrated.iou", "test.calibrated.f1", "calibration.ece_after"):
+        if key in metrics:
+            print(f"  {key} = {metrics[key]}")
     return 0
 
 
@@ -223,20 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell-timeout", type=int, metavar="SECONDS", help="stop a notebook cell running longer (default: none)"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--smoke", action="store_true", help="the smoke profile (profile=smoke): the recipe on a CPU in minutes"
+    )
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train a prepared run (started by the training stage for multi-process runs)")
     train.add_argument("run_dir", help="a run directory whose data stage has finished")
     train.set_defaults(func=cmd_train)
+    from workbench.data.formats import FORMAT_NAMES
 
     ingest = sub.add_parser("ingest", help="turn an external data set into a chip store")
-    ingest.add_argument("format", help="landslide4sense, cloud38, sen1floods11, terramesh, cryosentinel, npz, geotiff")
+    ingest.add_argument("format", metavar="FORMAT", help="one of: " + ", ".join(FORMAT_NAMES))
     ingest.add_argument("src")
     ingest.add_argument("dest")
     ingest.add_argument("--chip-size", type=int)
     ingest.add_argument("--stride", type=int)
     ingest.add_argument("--option", action="append", metavar="KEY=VALUE", help="reader option (YAML value)")
     ingest.add_argument("--overwrite", action="store_true")
+    ingest.add_argument(
+        "--split",
+        choices=["catalog", "random", "source", "rows", "block", "region"],
+        help="write this split into the catalog (random, source or rows need no coordinates)",
+    )
+    ingest.add_argument(
+        "--split-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="split setting, e.g. train_percent=70, buffer_px=64",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
     fetch = sub.add_parser("download", help="fetch a public data set (resumable, checksummed) for `ingest`")
@@ -249,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--no-extract", action="store_true", help="keep archives packed")
     fetch.add_argument("--quiet", action="store_true", help="no progress bars")
     fetch.set_defaults(func=cmd_download)
+
+    evaluate = sub.add_parser("evaluate", help="score a trained model on another chip store, as a run of its own")
+    evaluate.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory or its model/ folder")
+    evaluate.add_argument("store", metavar="STORE", help="chip store to score (every labelled chip)")
+    evaluate.add_argument("--bands", help="MODEL=STORE band pairs, comma separated (aliases are matched already)")
+    evaluate.add_argument("--reports", default="reports")
+    evaluate.add_argument("--tta", default="none", choices=["none", "minimal", "standard", "full"])
+    evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser(
         "predict", help="sliding-window inference over a raster (GeoTIFF, any GDAL raster, or --format npz ...)"

@@ -84,7 +84,11 @@ class SyntheticConfig(StrictModel):
 class SplitConfig(StrictModel):
     """How chips are assigned to train / val / test."""
 
-    method: Literal["block", "region", "catalog"] = "block"
+    method: Literal["block", "region", "catalog", "random", "source", "rows"] = Field(
+        "block",
+        description="block / region: by coordinates; catalog: the data set's own split; random: seeded chip "
+        "shuffle; source: whole scenes or source files (group_column); rows: contiguous row bands of each scene",
+    )
     block_deg: float = Field(0.15, gt=0)
     buffer_deg: float = Field(0.02, ge=0)
     salt: str = "cryosentinel-blocks-v1"
@@ -92,6 +96,9 @@ class SplitConfig(StrictModel):
     val_percent: int = Field(10, ge=0, le=100)
     holdout_regions: list[str] = Field(default_factory=list, description="test regions for method=region")
     n_folds: int = Field(5, ge=2, description="spatial folds for out-of-sample predictions")
+    seed: int = Field(0, description="seed of method=random / source (fixed, independent of the training seed)")
+    group_column: str = Field("file", description="catalog column naming a chip's scene (method=source / rows)")
+    buffer_px: int = Field(32, ge=0, description="pixels left out between row bands (method=rows)")
 
 
 class NormalizeConfig(StrictModel):
@@ -278,6 +285,11 @@ class TrainParams(StrictModel):
     ema: EmaConfig = Field(default_factory=EmaConfig)
     swa: SwaConfig = Field(default_factory=SwaConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    final_weights: Literal["best_val", "best", "last", "ema", "swa", "soup"] = Field(
+        "best_val",
+        description="weights saved in model/: best_val = the candidate (best checkpoint, last, EMA, SWA, soup) "
+        "scoring best on the validation split by the checkpoint metric, or one candidate by name",
+    )
     checkpoint_every_n_steps: int | None = Field(None, ge=1)
     val_every_n_epochs: int = Field(1, ge=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -294,6 +306,9 @@ class EvaluateParams(StrictModel):
     object_iou: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.1])
     sweep_thresholds: list[float] = Field(default_factory=lambda: [round(0.1 + 0.05 * i, 2) for i in range(17)])
     histogram_bins: int = Field(1000, ge=10)
+    external: list[Path] = Field(
+        default_factory=list, description="other chip stores the run's model is scored on after calibration"
+    )
 
 
 class CalibrateParams(StrictModel):
@@ -357,6 +372,10 @@ class Params(StrictModel):
     experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     seed: int = 42
+    profile: Literal["full", "smoke"] = Field(
+        "full", description="smoke: the recipe shrunk to CPU minutes (see SMOKE_SETTINGS); overrides still win"
+    )
+    profile_applied: bool = Field(False, description="set once the profile's settings are written into these values")
     data: DataParams = Field(default_factory=DataParams)
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
@@ -479,6 +498,61 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# The smoke profile: every recipe on a CPU in minutes, on a few small chips, keeping its architecture,
+# losses, sampler, augmentation, split method, EMA / SWA and review (TerraMind at its smallest size).
+SMOKE_SETTINGS = [
+    "train.max_epochs=1",
+    "train.max_steps=-1",
+    "train.accelerator=cpu",
+    "train.devices=1",
+    "train.num_nodes=1",
+    "train.strategy=auto",
+    "train.precision=32-true",
+    "train.compile=false",
+    "train.val_every_n_epochs=1",
+    "train.checkpoint_every_n_steps=null",
+    "train.tracking.uri=null",
+    "train.early_stopping.start_epoch=0",
+    "train.optimizer.warmup_epochs=0",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.sampler.epoch_size=null",
+    "model.terramind.size=tiny",
+    "model.terramind.tap_indices=null",
+    "model.terramind.checkpoint=null",
+    "model.encoder_weights=null",
+    "review.n_figures=2",
+    "review.out_of_fold_epochs=1",
+]
+SMOKE_SYNTHETIC = ["data.synthetic.n_chips=48", "data.synthetic.chip_size=32"]
+
+
+def smoke_settings(tree: dict[str, Any]) -> list[str]:
+    """The overrides of the smoke profile for a parameter tree (a smaller synthetic store for synthetic data,
+    at most one soup snapshot, one frozen-backbone epoch before one unfrozen)."""
+    settings = list(SMOKE_SETTINGS)
+    data = tree.get("data") or {}
+    if data.get("source", "synthetic") == "synthetic":
+        settings += [*SMOKE_SYNTHETIC, f"data.store={data.get('store', 'data-cache/demo')}-smoke"]
+    swa = ((tree.get("train") or {}).get("swa")) or {}
+    if swa.get("soup_snapshots"):
+        settings.append("train.swa.soup_snapshots=1")
+    optimizer = ((tree.get("train") or {}).get("optimizer")) or {}
+    if optimizer.get("freeze_backbone_epochs"):  # one frozen epoch, then one with the backbone training
+        settings += ["train.optimizer.freeze_backbone_epochs=1", "train.max_epochs=2"]
+    return settings
+
+
+def apply_profile(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Write the profile's settings into `tree` once (then the user's overrides again, so they win)."""
+    if tree.get("profile") != "smoke" or tree.get("profile_applied"):
+        return tree
+    tree = apply_overrides(tree, smoke_settings(tree))
+    tree = apply_overrides(tree, overrides)
+    tree["profile_applied"] = True
+    return tree
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
     """Read a YAML parameter file (safe loader), apply `--set` overrides and validate.
 
@@ -503,6 +577,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         source += " with overrides " + " ".join(overrides)
         tree = apply_overrides(tree, list(overrides))
+    tree = apply_profile(tree, list(overrides or []))
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:

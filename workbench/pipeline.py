@@ -50,6 +50,7 @@ from workbench.runstatus import (
     process_record,
     stop_on_signals,
 )
+from workbench.stages.external import evaluate_external
 from workbench.tracking import finish_tracking, track_stage
 from workbench.train.launch import train_run
 
@@ -280,6 +281,9 @@ def _execute_stages(
                     info["notebooks"][name].update(status=status, seconds=round(time.perf_counter() - t0, 2))
                     track_stage(layout.root, name, status)
             info.pop("stage", None)
+            run_params = load_params(layout.params)
+            if run_params.evaluate.external and (layout.model / "model.pt").is_file():
+                info["external"] = score_external_stores(run_params, layout.root, reports)
             info["status"] = COMPLETE
             info["end"] = {"status": COMPLETE}
         except PipelineError as exc:
@@ -449,6 +453,16 @@ def follow_run(layout: RunLayout, names: list[str], fresh: bool = True, poll_sec
         time.sleep(poll_seconds)
     result = train_run(layout.root)
     return RunResult(layout.root, result.metrics, "worker")
+
+
+def score_external_stores(params: Any, run_dir: Path, reports: Path) -> list[dict[str, Any]]:
+    """Score the run's (calibrated) model on each `evaluate.external` store; one linked run per store."""
+
+    done = []
+    for store in params.evaluate.external:
+        external_dir, metrics = evaluate_external(run_dir, store, reports=reports, tta=params.evaluate.tta)
+        done.append({"store": str(store), "run_dir": str(external_dir), "iou": metrics.get("test.calibrated.iou")})
+    return done
 
 
 def run_seeds(

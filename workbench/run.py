@@ -93,6 +93,8 @@ LOGS_DIR = "logs"
 LOG_FILE = "metrics.csv"  # what Lightning's CSVLogger writes in logs/
 FAILURES_DIR = "failures"
 SNAPSHOTS_DIR = "snapshots"
+CANDIDATES_DIR = "candidates"
+FINAL_WEIGHTS_TABLE = "train_final_weights.csv"  # in diagnostics/
 FOLDS_DIR = "folds"
 INTERACTIVE_RUN = "interactive"  # the run id of notebooks opened by hand
 RUN_DIR_VARIABLE = "WORKBENCH_RUN_DIR"  # set by `workbench lab RUN`: the run notebooks opened by hand work in
@@ -291,6 +293,11 @@ class RunLayout:
     @property
     def snapshots(self) -> Path:
         return self.root / SNAPSHOTS_DIR
+
+    @property
+    def weight_candidates(self) -> Path:
+        """checkpoints/candidates/<name>.pt: the candidates for the final weights (removed once one is chosen)."""
+        return self.checkpoints / CANDIDATES_DIR
 
     @property
     def folds(self) -> Path:

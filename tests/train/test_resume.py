@@ -56,6 +56,7 @@ def tiny_params(store: Path, *extra: str) -> Params:
         "train.checkpoint_every_n_steps=2",
         "train.ema.enabled=true",
         "train.ema.decay=0.9",
+        "train.final_weights=ema",  # compare the end of training, not the best checkpoint
         *extra,
     )
 
@@ -105,13 +106,13 @@ def test_killed_mid_epoch_and_resumed_run_matches_uninterrupted_run(
 
 
 def test_epoch_end_checkpoint_resumes_at_next_epoch(store: Path, tmp_path: Path) -> None:
-    params = tiny_params(store, "train.max_epochs=1", "train.ema.enabled=false")
+    params = tiny_params(store, "train.max_epochs=1", "train.ema.enabled=false", "train.final_weights=last")
     prepared = prepared_run(params, tmp_path)
     fit.train_model(params, prepared, tmp_path, resume=False)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == STEPS_PER_EPOCH
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 0, "epoch": None}]
-    longer = tiny_params(store, "train.max_epochs=2", "train.ema.enabled=false")
+    longer = tiny_params(store, "train.max_epochs=2", "train.ema.enabled=false", "train.final_weights=last")
     resumed = fit.train_model(longer, prepared, tmp_path, resume=True)
     assert resumed.metrics["train.steps"] == 2 * STEPS_PER_EPOCH
     assert (tmp_path / "model" / "run_info.json").is_file()
@@ -123,7 +124,8 @@ def test_resumable_loader_skips_delivered_batches_of_the_same_order() -> None:
     loader = ResumableDataLoader(dataset, batch_size=3, sampler=sampler)
     sampler.set_epoch(4)
     full = [batch.tolist() for batch in loader]
-    assert sorted(i for batch in full for i in batch) == dataset and len(full) == 4
+    # 10 chips in threes: the one-chip remainder joins the last batch (BatchNorm needs two)
+    assert sorted(i for batch in full for i in batch) == dataset and [len(b) for b in full] == [3, 3, 4]
     iterator = iter(loader)
     next(iterator)
     next(iterator)

@@ -225,6 +225,12 @@ def test_divergence_warnings_on_hand_made_curves(tmp_path: Path) -> None:
     warnings = divergence_warnings(gap)
     assert len(warnings) == 1 and "IoU gap" in warnings[0] and "0.950" in warnings[0]
 
+    # one run's validation loss rose from 0.54 to 1.52 with noise, so the last four epochs alone show no rise
+    climbing = [0.9, 0.6, 0.54, 0.8, 0.7, 1.1, 0.9, 1.6, 1.3, 1.5, 1.52]
+    falling = [1.0 - 0.08 * epoch for epoch in range(len(climbing))]
+    warnings = divergence_warnings(write_metrics_csv(tmp_path / "e.csv", falling, climbing, 0.7, 0.5))
+    assert len(warnings) == 1 and "lowest value at epoch 2" in warnings[0] and "0.54 -> 1.52" in warnings[0]
+
     noisy = write_metrics_csv(tmp_path / "d.csv", [1.0, 0.8, 0.6, 0.5], [0.9, 0.95, 0.9, 0.905], 0.6, 0.6)
     assert divergence_warnings(noisy) == []  # val loss 0.5 % above its low: below min_rise
     with pytest.raises(FileNotFoundError, match=r"metrics\.csv"):

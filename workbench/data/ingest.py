@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from workbench.data.sources import Source
@@ -30,6 +31,7 @@ from workbench.data.sources.sen1floods11 import read_sen1floods11
 from workbench.data.sources.terramesh import read_terramesh
 from workbench.data.sources.vector import read_vector
 from workbench.data.store import Chip, StoreWriter
+from workbench.params import SplitConfig
 
 Reader = Callable[..., Source]
 
@@ -126,16 +128,21 @@ def ingest(
     stride: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    split: str | None = None,
+    split_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> IngestReport:
     """Read `src` in the given format and write its chips to a new store at `dest`.
 
     `chip_size`/`stride` tile rasters larger than a chip (default: one chip per file, stride = chip_size).
     `options` are the reader's keyword options (see `reader_options(format)`); values may be the
-    YAML-parsed strings of `--option key=value`.
+    YAML-parsed strings of `--option key=value`. `split` (a `data.split.method`, e.g. random, source or
+    rows, with `split_options` such as train_percent or buffer_px) writes the catalog's split column
+    at ingest, so recipes can keep it with `split.method: catalog`.
     """
     reader = get_reader(format)
     check_options(format, options)
+    split_cfg = ingest_split_config(split, split_options)
     src, dest = Path(src), Path(dest)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist; expected the {format} data")
@@ -158,4 +165,32 @@ def ingest(
             reasons = [reason for _, reason in skipped[:3]] + source.unpaired[:3]
             raise ValueError(f"no chip of {src} could be stored: {reasons}")
         writer.attrs.update({"skipped": [list(item) for item in skipped], "unpaired": list(source.unpaired)})
+        if split_cfg is not None:
+            writer.attrs["split"] = split_cfg.model_dump(mode="json")
+    if split_cfg is not None:
+        write_split(dest, split_cfg)
     return IngestReport(written, dest, skipped, list(source.unpaired), format)
+
+
+def ingest_split_config(method: str | None, options: dict[str, Any] | None = None) -> SplitConfig | None:
+    """The split to write at ingest (None: keep the reader's), validated like `data.split`."""
+    if method is None:
+        if options:
+            raise ValueError(f"split options {sorted(options)} need a split method (--split random|source|rows|...)")
+        return None
+    try:
+        return SplitConfig.model_validate({"method": method, **(options or {})})
+    except ValidationError as exc:
+        raise ValueError(f"invalid ingest split {method!r} {options or {}}: {exc}") from None
+
+
+def write_split(store: Path, cfg: SplitConfig) -> None:
+    """Assign `cfg`'s split to every chip of `store` and rewrite its catalog (atomically)."""
+    from workbench.data.split import assign_splits
+    from workbench.data.store import read_catalog, read_store_meta
+    from workbench.io import write_parquet_atomic
+
+    catalog = read_catalog(store)
+    chip_size = int(read_store_meta(store)["chip_size"][0])
+    catalog["split"] = assign_splits(catalog, cfg, chip_size=chip_size).to_numpy()
+    write_parquet_atomic(Path(store) / "catalog.parquet", catalog)

@@ -47,18 +47,52 @@ class EpochShuffleSampler(EpochSampler):
         return rng.permutation(self.n_chips)
 
 
+def merge_single_remainder(batches: Iterator[list[int]]) -> Iterator[list[int]]:
+    """Batches of indices where a last batch of one chip is merged into the one before it.
+
+    BatchNorm in training mode cannot normalise a batch of one chip whose deepest feature map is 1 x 1
+    (and normalises any one-chip batch badly), so an epoch never ends in one; no chip is dropped.
+    """
+    previous: list[int] | None = None
+    for batch in batches:
+        batch = list(batch)
+        if previous is not None:
+            if len(batch) == 1:
+                yield previous + batch
+                previous = None
+                continue
+            yield previous
+        previous = batch
+    if previous is not None:
+        yield previous
+
+
 class _ResumeIndices:
-    """The loader's batches of indices, less the first `loader._skip` ones (read when iteration starts)."""
+    """The loader's batches of indices (a one-chip remainder merged into the batch before it), less the
+    first `loader._skip` ones (read when iteration starts)."""
 
     def __init__(self, base: Any, loader: ResumableDataLoader) -> None:
         self.base = base
         self.loader = loader
 
+    def _merges(self) -> bool:
+        size = getattr(self.base, "batch_size", None)
+        return bool(size and size > 1 and not getattr(self.base, "drop_last", False))
+
     def __len__(self) -> int:
-        return len(self.base)
+        n = len(self.base)
+        if self._merges() and n > 1:
+            try:
+                chips = len(self.base.sampler)
+            except TypeError:
+                return n
+            if chips % self.base.batch_size == 1:
+                return n - 1
+        return n
 
     def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.base), self.loader._skip, None)
+        batches = merge_single_remainder(iter(self.base)) if self._merges() else iter(self.base)
+        return itertools.islice(batches, self.loader._skip, None)
 
 
 class ResumableDataLoader(DataLoader[Sample]):

@@ -69,7 +69,8 @@ def prepare_data(cfg: DataParams, run_dir: Path, seed: int = 0, root: Path | Non
     store = ensure_store(cfg, root)
     bands = selected_bands(store, cfg)
     catalog = read_catalog(store)
-    catalog["split"] = assign_splits(catalog, cfg.split, seed=seed).to_numpy()
+    chip_size = int(read_store_meta(store)["chip_size"][0])
+    catalog["split"] = assign_splits(catalog, cfg.split, seed=seed, chip_size=chip_size).to_numpy()
     for split in ("train", "val", "test"):
         if not (catalog["split"] == split).any():
             raise ValueError(

@@ -203,17 +203,188 @@ def _catalog_splits(catalog: pd.DataFrame) -> np.ndarray:
     return raw.map(_SPLIT_ALIASES).to_numpy().astype(str)
 
 
-def assign_splits(catalog: pd.DataFrame, cfg: SplitConfig, seed: int = 0) -> pd.Series:
+def has_coordinates(catalog: pd.DataFrame) -> bool:
+    """Whether every chip of the catalog has a finite lat/lon (what maps, block splits and leakage need)."""
+    if not {"lat", "lon"} <= set(catalog.columns) or not len(catalog):
+        return False
+    lat = pd.to_numeric(catalog["lat"], errors="coerce").to_numpy(dtype=np.float64)
+    lon = pd.to_numeric(catalog["lon"], errors="coerce").to_numpy(dtype=np.float64)
+    return bool(np.isfinite(lat).all() and np.isfinite(lon).all())
+
+
+def _share_counts(n: int, cfg: SplitConfig) -> tuple[int, int]:
+    """Numbers of train and val items out of `n` for the configured percentages (rounded, at least one
+    of each non-zero share when there are enough items)."""
+    n_train = round(n * cfg.train_percent / 100)
+    n_val = round(n * cfg.val_percent / 100)
+    n_test = n - n_train - n_val
+    wanted = [share > 0 for share in _shares(cfg)]
+    counts = [n_train, n_val, n_test]
+    for index in (1, 2, 0):  # lift an empty non-zero share from the largest one when possible
+        if wanted[index] and counts[index] == 0 and n >= sum(wanted):
+            donor = int(np.argmax(counts))
+            counts[donor] -= 1
+            counts[index] += 1
+    return counts[0], counts[1]
+
+
+def random_split(n: int, cfg: SplitConfig) -> np.ndarray:
+    """train / val / test for `n` chips by a permutation drawn from `cfg.seed`, in exact proportions.
+
+    Needs no coordinates. Neighbouring chips may land in different splits, so scores can be optimistic
+    when chips overlap or touch: prefer method=source or rows for tiles of one scene.
+    """
+    n_train, n_val = _share_counts(n, cfg)
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    out = np.full(n, "test", dtype=object)
+    out[order[:n_train]] = "train"
+    out[order[n_train : n_train + n_val]] = "val"
+    return out.astype(str)
+
+
+def _groups(catalog: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
+    column = cfg.group_column
+    if column not in catalog.columns:
+        raise SplitError(
+            f"split.method={cfg.method} groups chips by the catalog column {column!r}, which the catalog lacks "
+            f"(columns: {list(catalog.columns)}); set split.group_column"
+        )
+    return catalog[column].fillna("").astype(str).to_numpy()
+
+
+def source_split(catalog: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
+    """Whole scenes (or source files, `cfg.group_column`) to one split each, in a seeded order.
+
+    Groups are shuffled with `cfg.seed` and dealt to train until it holds `train_percent` of the chips,
+    then to val, then to test; each split gets at least one group when there are three.
+    """
+    groups = _groups(catalog, cfg)
+    names, counts = np.unique(groups, return_counts=True)
+    order = np.random.default_rng(cfg.seed).permutation(len(names))
+    train_share, val_share, test_share = _shares(cfg)
+    reserve_val, reserve_test = int(val_share > 0), int(test_share > 0)
+    total, seen = int(counts.sum()), 0
+    assignment: dict[str, str] = {}
+    current = "train"
+    for rank, index in enumerate(order):
+        left = len(names) - rank  # groups not yet assigned, this one included
+        if (
+            current == "train"
+            and assignment
+            and (100 * seen >= train_share * total or left <= reserve_val + reserve_test)
+        ):
+            current = "val" if val_share > 0 else "test"
+        if (
+            current == "val"
+            and "val" in assignment.values()
+            and (100 * seen >= (train_share + val_share) * total or left <= reserve_test)
+        ):
+            current = "test"
+        assignment[str(names[index])] = current
+        seen += int(counts[index])
+    return np.array([assignment[g] for g in groups], dtype=str)
+
+
+def row_band_split(catalog: pd.DataFrame, cfg: SplitConfig, chip_size: int) -> np.ndarray:
+    """Contiguous row bands of each scene: the top `train_percent` of its rows train, then val, then test.
+
+    A chip belongs to a band when all its pixel rows lie inside it, at least `cfg.buffer_px` rows from the
+    next band; chips straddling a boundary or its buffer become "buffer". Rows come from the catalog's
+    `row` column (the chip's top pixel row in its scene, written by ingest when a scene is tiled).
+    """
+    if "row" not in catalog.columns:
+        raise SplitError(
+            "split.method=rows needs the catalog column 'row' (a chip's top row within its scene); re-ingest the "
+            "scene with --chip-size so it is tiled, or use split.method=random"
+        )
+    groups = _groups(catalog, cfg)
+    rows = pd.to_numeric(catalog["row"], errors="coerce").fillna(0).to_numpy(dtype=np.int64)
+    out = np.full(len(catalog), BUFFER, dtype=object)
+    buffer = cfg.buffer_px
+    for group in np.unique(groups):
+        members = groups == group
+        top = rows[members]
+        height = int(top.max()) + chip_size
+        first = height * cfg.train_percent / 100
+        second = height * (cfg.train_percent + cfg.val_percent) / 100
+        bottom = top + chip_size
+        split = np.full(top.shape, BUFFER, dtype=object)
+        split[bottom + buffer / 2 <= first] = "train"
+        split[(top - buffer / 2 >= first) & (bottom + buffer / 2 <= second)] = "val"
+        split[top - buffer / 2 >= second] = "test"
+        out[members] = split
+    return out.astype(str)
+
+
+def carve_missing_splits(catalog: pd.DataFrame, splits: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Fill a val or test split the data set does not provide (38-Cloud has no val, a Landslide4Sense
+    download may hold only TrainData) from its train chips, whole `cfg.group_column` groups at a time
+    when there are enough of them, else chip by chip, in a seeded order.
+
+    The share taken is the missing split's percentage of train + missing (e.g. val_percent 10 and
+    train_percent 80: one ninth of the train chips).
+    """
+    splits = np.asarray(splits, dtype=object).copy()
+    for name, share in (("val", cfg.val_percent), ("test", 100 - cfg.train_percent - cfg.val_percent)):
+        if share <= 0 or (splits == name).any():
+            continue
+        train = np.flatnonzero(splits == "train")
+        if len(train) < 2:
+            continue
+        part = SplitConfig(
+            method="random",
+            seed=cfg.seed,
+            train_percent=100 - round(100 * share / (cfg.train_percent + share)),
+            val_percent=0,
+        )
+        sub = catalog.iloc[train]
+        grouped = cfg.group_column in sub.columns and sub[cfg.group_column].nunique() >= 4
+        if grouped:
+            chosen = source_split(sub, part.model_copy(update={"method": "source", "group_column": cfg.group_column}))
+        else:
+            chosen = random_split(len(train), part)
+        splits[train[chosen == "test"]] = name
+    return splits.astype(str)
+
+
+def assign_splits(catalog: pd.DataFrame, cfg: SplitConfig, seed: int = 0, chip_size: int | None = None) -> pd.Series:
     """Split of every catalog row according to `cfg` (index aligned with `catalog`, name "split").
 
     method=block: `block_split` on lat/lon. method=region: chips of `cfg.holdout_regions` are test,
     the others are split into train/val by block hash (with edge buffers) in the proportion
-    train_percent:val_percent. method=catalog: the catalog's own split column.
+    train_percent:val_percent. method=catalog: the catalog's own split column. Without coordinates:
+    method=random (`random_split`), source (`source_split`) and rows (`row_band_split`, needs
+    `chip_size`).
     `seed` is accepted for a uniform call signature but not used: splits are a pure function of the
-    coordinates and `cfg.salt`, so changing the training seed never moves a chip between splits.
+    coordinates, `cfg.salt` and `cfg.seed`, so changing the training seed never moves a chip between splits.
     """
     del seed
     _check_percents(cfg.train_percent, cfg.val_percent)
+    expected_shares = [name for name, share in zip(SPLITS, _shares(cfg)) if share > 0]
+    if cfg.method == "random":
+        splits = random_split(len(catalog), cfg)
+        _require_nonempty(splits, expected_shares, "add chips or change split.train_percent / val_percent")
+        return pd.Series(splits, index=catalog.index, name="split", dtype=object)
+    if cfg.method == "source":
+        splits = source_split(catalog, cfg)
+        _require_nonempty(
+            splits, expected_shares, f"split.method=source needs at least three distinct {cfg.group_column!r} values"
+        )
+        return pd.Series(splits, index=catalog.index, name="split", dtype=object)
+    if cfg.method == "rows":
+        if chip_size is None:
+            raise SplitError("split.method=rows needs the chip size of the store")
+        splits = row_band_split(catalog, cfg, chip_size)
+        _require_nonempty(
+            splits, expected_shares, "lower split.buffer_px, use a smaller --chip-size at ingest, or use method=random"
+        )
+        return pd.Series(splits, index=catalog.index, name="split", dtype=object)
+    if cfg.method in ("block", "region") and not has_coordinates(catalog):
+        raise SplitError(
+            f"split.method={cfg.method} needs finite lat/lon for every chip, and this store has none; use "
+            "split.method=catalog (the data set's own split), source (whole scenes), rows (row bands of a scene) "
+            "or random"
+        )
     block_hint = "change split.block_deg, split.salt or split.train_percent / split.val_percent"
     if cfg.method == "block":
         splits = block_split(
@@ -248,6 +419,7 @@ def assign_splits(catalog: pd.DataFrame, cfg: SplitConfig, seed: int = 0) -> pd.
     else:
         splits = _catalog_splits(catalog)
         _require_nonempty(splits, ["train"], "the catalog's split column must name some chips 'train'")
+        splits = carve_missing_splits(catalog, splits, cfg)
     return pd.Series(splits, index=catalog.index, name="split", dtype=object)
 
 

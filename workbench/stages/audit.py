@@ -24,7 +24,7 @@ from workbench.audit import (
 )
 from workbench.data.agreement import prefilter_table
 from workbench.data.prepare import ensure_store, prepare_data
-from workbench.data.split import leakage_report
+from workbench.data.split import has_coordinates, leakage_report
 from workbench.data.store import read_store_meta
 from workbench.data.validate import check_label_values, positive_pixel_warnings, preflight
 from workbench.figures import class_balance_bar, split_map_static
@@ -35,6 +35,13 @@ from workbench.stages.base import StageResult, save_stage_figure, write_stage_me
 
 if TYPE_CHECKING:
     from workbench.data.prepare import PreparedData
+
+
+NO_COORDINATES_NOTE = (
+    "the chips have no coordinates (lat/lon), so there is no map of the splits and no leakage distance between "
+    "them; the split came from split.method and keeps whole scenes, files or row bands apart only when the "
+    "method does (catalog, source or rows, not random)"
+)
 
 
 def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progress: bool = True) -> StageResult:
@@ -66,17 +73,27 @@ def run_data_audit(params: Params, run_dir: Path, check_batches: int = 8, progre
     region_summary = catalog.pivot_table(
         index="region", columns="split", values="positive_fraction", aggfunc="mean"
     ).round(4)
-    leakage = leakage_report(catalog[catalog["split"] != "buffer"])
+    located = has_coordinates(catalog)
+    if located:
+        leakage = leakage_report(catalog[catalog["split"] != "buffer"])
+    else:  # no map and no distances: say so instead of failing
+        leakage = pd.DataFrame(columns=["split_a", "split_b", "n_a", "n_b", "min_distance_km"])
     result.tables.update(split_summary=split_summary, region_summary=region_summary, leakage=leakage)
     balance = class_balance_bar(catalog, positive_threshold=params.data.sampler.positive_threshold)
     save_stage_figure(balance, run_dir, "class_balance", result)
-    save_stage_figure(
-        split_map_static(catalog["lat"].to_numpy(), catalog["lon"].to_numpy(), catalog["split"].to_numpy()),
-        run_dir,
-        "split_map",
-        result,
-    )
-    metrics: dict[str, Any] = {"data.n_chips": len(catalog), "data.bands": len(prepared.bands)}
+    if located:
+        save_stage_figure(
+            split_map_static(catalog["lat"].to_numpy(), catalog["lon"].to_numpy(), catalog["split"].to_numpy()),
+            run_dir,
+            "split_map",
+            result,
+        )
+    metrics: dict[str, Any] = {
+        "data.n_chips": len(catalog),
+        "data.bands": len(prepared.bands),
+        "data.has_coordinates": located,
+        "data.split_method": params.data.split.method,
+    }
     for split, row in split_summary.iterrows():
         metrics[f"data.{split}_chips"] = int(row["chips"])
         metrics[f"data.{split}_positive_fraction"] = float(row["positive_fraction"])
@@ -143,10 +160,15 @@ def audit_store(
         metrics["data.prefilter_dropped_fraction"] = prefilter_dropped_fraction(chips)
         scatter = agreement_scatter(chips, water_threshold=params.review.water_index_threshold)
         save_stage_figure(scatter, run_dir, "agreement_scatter", result)
-    try:
-        save_map_html(split_map(prepared.catalog, backend="folium"), RunLayout(run_dir).figure("split_map", ".html"))
-    except ImportError as exc:
-        notes.append(f"interactive split map not written: {exc}")
+    if not has_coordinates(prepared.catalog):
+        notes.append(NO_COORDINATES_NOTE)
+    else:
+        try:
+            save_map_html(
+                split_map(prepared.catalog, backend="folium"), RunLayout(run_dir).figure("split_map", ".html")
+            )
+        except ImportError as exc:
+            notes.append(f"interactive split map not written: {exc}")
     report = check_data(params, prepared, n_batches=check_batches, progress=progress)
     result.tables["check_data"] = report.batches
     result.tables["check_bands"] = report.bands

@@ -16,7 +16,7 @@ from workbench.figures import pick_gallery_chips, prediction_gallery, training_c
 from workbench.infer.chips import load_predictions, write_predictions
 from workbench.io import write_parquet_atomic, write_text_atomic
 from workbench.params import Params
-from workbench.run import TRAINING, RunLayout
+from workbench.run import FINAL_WEIGHTS_TABLE, TRAINING, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 from workbench.train.card import model_card, sampler_composition, split_summary
 from workbench.train.crossfit import out_of_fold_predictions, use_out_of_fold
@@ -83,6 +83,9 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
         trained = launch_training(params, prepared, run_dir)
     else:
         trained = train_model(params, prepared, run_dir)
+    final_table = RunLayout(run_dir).diagnostic(FINAL_WEIGHTS_TABLE)
+    if final_table.is_file():
+        result.tables["final_weights"] = pd.read_csv(final_table)
     parts, groups, lr_warnings = model_card(trained.task)
     result.tables["model_parts"] = parts
     result.tables["param_groups"] = groups

@@ -212,10 +212,13 @@ def ema_weights_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, torc
         raise ValueError("checkpoint has EMA state but no 'state_dict' of the model")
     ema_state = states[0]["ema"]
     weights = dict(checkpoint["state_dict"])
-    for name, value in [*ema_state["shadow"].items(), *ema_state["buffers"].items()]:
+    for name, value in ema_state["shadow"].items():
         if name not in weights:
             raise ValueError(f"EMA tensor {name!r} is not in the checkpoint's state_dict")
         weights[name] = value.to(dtype=weights[name].dtype)
+    for name, value in ema_state["buffers"].items():
+        if name in weights:  # non-persistent buffers (e.g. TerraMind's channel tables) are in no state dict
+            weights[name] = value.to(dtype=weights[name].dtype)
     return weights
 
 
@@ -304,20 +307,38 @@ class SnapshotCallback(Callback):
 
 
 class FinalWeightsCallback(Callback):
-    """At the end of fit, leave the module holding the weights the run keeps: EMA averages, then a soup.
+    """At the end of fit, save every candidate for the final weights to `directory` as `<name>.pt`.
 
-    It runs where training ran, so launchers that train in child processes (ddp_spawn, ddp_fork)
-    hand these weights back to the main process rather than the raw last-step weights, and every
-    launcher saves and predicts with the same model. Put it after the EMA and snapshot callbacks.
+    Candidates: ``swa`` (the SWA average, which Lightning has put into the module by then) or, without
+    SWA, ``last`` (the last step's weights); ``ema`` (the EMA averages); ``soup`` (the uniform soup of
+    the snapshots). The module keeps its weights; `workbench.train.final` scores the candidates on the
+    validation split and loads the one the rule picks. Saving to files from the process that trained
+    hands them to the main process also when DDP launchers train in child processes.
     """
 
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.saved: dict[str, Path] = {}
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.directory is None or not trainer.is_global_zero:
+            return
+        swa = any(
+            isinstance(callback, StochasticWeightAveraging) and getattr(callback, "_average_model", None) is not None
+            for callback in trainer.callbacks  # type: ignore[attr-defined]
+        )
+        self.saved = {}
+        self.saved["swa" if swa else "last"] = save_state_dict(
+            pl_module.state_dict(), self.directory / f"{'swa' if swa else 'last'}.pt"
+        )
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, EMACallback) and callback.ema.initialized:
-                callback.ema.swap_in(pl_module)  # for good: the averaged weights were the ones validated
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                with callback.ema.swapped_in(pl_module):
+                    self.saved["ema"] = save_state_dict(pl_module.state_dict(), self.directory / "ema.pt")
             if isinstance(callback, SnapshotCallback) and callback.saved:
-                pl_module.load_state_dict(soup_from_directory(callback.directory))
+                self.saved["soup"] = save_state_dict(
+                    soup_from_directory(callback.directory), self.directory / "soup.pt"
+                )
 
 
 def save_state_dict(state: Mapping[str, Any], path: Path) -> Path:

@@ -52,7 +52,11 @@ from workbench.run import (
 from workbench.train.callbacks import BackboneFreeze, GatedEarlyStopping, LastCheckpoint, RngStateCallback
 from workbench.train.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from workbench.train.ema import EMACallback, FinalWeightsCallback, build_snapshot_callback, build_swa_callback
+from workbench.train.final import choose_final_weights
+from workbench.train.hardware import CpuFallbackWarning, gpu_available, resolve_hardware
 from workbench.train.task import SegmentationTask
+
+__all__ = ["CpuFallbackWarning", "gpu_available", "resolve_hardware"]
 
 DDP_STRATEGIES = {"ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"}
 
@@ -118,8 +122,8 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
         callbacks.append(build_snapshot_callback(cfg.swa, cfg.max_epochs, RunLayout(run_dir).snapshots))
     if cfg.early_stopping.enabled:
         callbacks.append(GatedEarlyStopping(cfg.early_stopping))
-    if cfg.ema.enabled or cfg.swa.soup_snapshots:
-        callbacks.append(FinalWeightsCallback())  # last: after EMA and snapshots
+
+    callbacks.append(FinalWeightsCallback(RunLayout(run_dir).weight_candidates))  # last: after EMA and snapshots
     return callbacks
 
 
@@ -163,6 +167,7 @@ def has_unused_parameters(params: Params) -> bool:
 
 def build_strategy(params: Params) -> Any:
     """The Lightning strategy: DDP variants get gloo on the CPU and find_unused_parameters when needed."""
+    params = resolve_hardware(params, warn=False)
     cfg = params.train
     if cfg.strategy not in DDP_STRATEGIES:
         return cfg.strategy
@@ -199,7 +204,7 @@ def build_trainer(
     When the epoch length changes between epochs (curriculum sampling) the training loader is
     rebuilt every epoch, since Lightning sizes an epoch from the loader it was given.
     """
-
+    params = resolve_hardware(params)
     cfg = params.train
     varying = epoch_lengths is not None and len(set(epoch_lengths)) > 1
     return L.Trainer(
@@ -362,9 +367,13 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
     seconds = time.perf_counter() - started
     model_dir = layout.model
+    best = getattr(callbacks[0], "best_model_path", "") or None
+    final: dict[str, Any] = {}
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
+        monitor, mode = checkpoint_monitor(params)
+        final = choose_final_weights(params, task, datamodule, run_dir, Path(best) if best else None, monitor, mode)
         save_trained_model(params, prepared, task, run_dir)
-        write_run_info(params, model_dir, resumed_from=str(last) if resumed else None)
+        write_run_info(params, model_dir, resumed_from=str(last) if resumed else None, final_weights=final)
     metrics = {
         "train.seconds": seconds,
         "train.epochs": trainer.current_epoch,
@@ -374,14 +383,20 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     for key, value in trainer.callback_metrics.items():
         if key.startswith(("val/", "train/")):
             metrics[f"train.last_{key.replace('/', '_')}"] = float(value)
+    if final:
+        metrics["train.final_weights"] = final["weights"]
+        for row in final["candidates"]:
+            metrics[f"train.final_{row['candidate']}_{final['metric'].replace('/', '_')}"] = row["score"]
     if trainer.is_global_zero:
         write_json_atomic(layout.stage_metrics(TRAINING), metrics)
-    best = getattr(callbacks[0], "best_model_path", "") or None
     return TrainResult(model_dir, Path(best) if best else None, metrics, task, datamodule)
 
 
-def write_run_info(params: Params, model_dir: Path, resumed_from: str | None = None) -> Path:
-    """`<model_dir>/run_info.json`: the parameters, git commit and package versions the bundle came from."""
+def write_run_info(
+    params: Params, model_dir: Path, resumed_from: str | None = None, final_weights: dict[str, Any] | None = None
+) -> Path:
+    """`<model_dir>/run_info.json`: the parameters, git commit and package versions the bundle came from, and
+    which weights it holds (`final_weights`: the chosen candidate, the rule and every candidate's score)."""
     from datetime import UTC, datetime
 
     info = {
@@ -391,13 +406,14 @@ def write_run_info(params: Params, model_dir: Path, resumed_from: str | None = N
         "git_commit": git_commit(project_root()),
         "versions": package_versions(),
         "resumed_from": resumed_from,
+        "final_weights": final_weights or {},
         "params": params.model_dump(mode="json"),
     }
     return write_json_atomic(Path(model_dir) / RUN_INFO_FILE, info)
 
 
 def save_trained_model(params: Params, prepared: PreparedData, task: Any, run_dir: Path) -> Path:
-    """Save the task's final weights as a bundle (EMA averages or a soup, put in place by FinalWeightsCallback)."""
+    """Save the task's final weights as a bundle (the candidate `workbench.train.final` chose)."""
 
     model = getattr(task.model, "_orig_mod", task.model)
     store_meta = read_store_meta(prepared.store)

@@ -44,17 +44,39 @@ def _slope(values: np.ndarray) -> float:
     return float(np.polyfit(np.arange(len(values), dtype=float), values, 1)[0])
 
 
+def _divergence_since_best(both: pd.DataFrame, min_rise: float) -> list[str]:
+    """The divergence warning when val loss ends well above its lowest value while train loss kept falling."""
+    val = both["val/loss"]
+    best = val.idxmin()
+    after = both.loc[best:]
+    if len(after) < 3 or not val.min() > 0:
+        return []
+    val_best, val_last = float(after["val/loss"].iloc[0]), float(after["val/loss"].iloc[-1])
+    train_best, train_last = float(after["train/loss"].iloc[0]), float(after["train/loss"].iloc[-1])
+    if val_last < val_best * (1.0 + min_rise) or not train_last < train_best:
+        return []
+    return [
+        f"train-validation divergence: since its lowest value at epoch {int(after.index[0])}, val loss rose "
+        f"{val_best:.4g} -> {val_last:.4g} (epoch {int(after.index[-1])}) while train loss fell "
+        f"{train_best:.4g} -> {train_last:.4g}; the saved weights come from train.final_weights (default: the "
+        "candidate best on validation); consider stronger augmentation, more regularisation or earlier stopping"
+    ]
+
+
 def divergence_warnings(
     metrics_csv: str | Path,
     window: int = 4,
     min_rise: float = 0.02,
     train_iou_high: float = 0.9,
     val_iou_low: float = 0.5,
+    since_best_rise: float = 0.1,
 ) -> list[str]:
     """Overfitting signs in a run's metrics (per-epoch values of `epoch_table`), as readable warnings.
 
     * train loss falling while val loss rises over the last `window` validated epochs (both linear
       trends, and val loss at least `min_rise` (relative) above its lowest value in the window);
+    * or, over the whole run, val loss at the end at least `since_best_rise` (relative) above its lowest value
+      two or more validations earlier while train loss fell since then (noisy curves that rise overall);
     * at the last validated epoch, train IoU above `train_iou_high` with val IoU below `val_iou_low`.
     """
     table = epoch_table(metrics_csv)
@@ -72,6 +94,8 @@ def divergence_warnings(
                     f"{train[0]:.4g} -> {train[-1]:.4g} while val loss rose {val[0]:.4g} -> {val[-1]:.4g}; "
                     "consider stronger augmentation, more regularisation or earlier stopping"
                 )
+            else:
+                warnings += _divergence_since_best(both, since_best_rise)
     if {"train/iou", "val/iou"} <= set(table.columns):
         both = table[["train/iou", "val/iou"]].dropna()
         if len(both):

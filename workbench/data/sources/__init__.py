@@ -141,7 +141,7 @@ def scene_chips(scene: Scene, chip_size: int | None, stride: int | None, source:
             year=scene.year,
             split=scene.split,
             source=source,
-            extra={"file": scene.file, **scene.extra},
+            extra={"file": scene.file, "row": int(row), "col": int(col), **scene.extra},
             planes={name: plane[window] for name, plane in scene.planes.items()},
         )
 

@@ -215,6 +215,7 @@ def stack_chips(
             year=year,
             split=split,
             planes=planes,
+            extra={"row": int(row), "col": int(col)},  # the window's place in the raster (split.method=rows)
         )
         yield from scene_chips(scene, None, None, source)
 

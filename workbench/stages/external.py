@@ -1,0 +1,170 @@
+"""Scoring a trained model on another chip store (cross-sensor or cross-dataset evaluation) as a run of its own.
+
+`evaluate_external(model_or_run, store)` loads the model bundle (a `model/` folder or a run directory),
+matches its bands to the store's by name (`workbench.data.bands`: Landsat Blue..SWIR2 <-> Sentinel-2
+B02..B12 and the ukis-csmask names), normalises with the model's own train-split statistics, predicts every
+labelled chip of the store and scores it at 0.5 and with the model's calibration (temperature and
+threshold from calibration.json): pooled metrics, ECE / Brier before and after temperature scaling, the
+per-chip table and the worst chips. The run lives beside the source run's experiment, and its run.json
+names the source run, the store and the band map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workbench.io import write_json_atomic, write_parquet_atomic
+from workbench.run import RunLayout, new_run_id
+
+EXTERNAL_SPLIT = "test"
+
+
+class ExternalStoreError(ValueError):
+    """The store cannot be scored with this model (other chip size, no labels); the message says why."""
+
+
+def resolve_model_dir(model_or_run: str | Path) -> tuple[Path, Path | None]:
+    """(model directory, source run directory or None) for a model folder or a run directory."""
+    path = Path(model_or_run)
+    if (path / "model").is_dir():
+        return path / "model", path
+    if path.is_dir() and (path / "model.pt").is_file():
+        run = path.parent if (path.parent / "run.json").is_file() else None
+        return path, run
+    raise FileNotFoundError(f"{path} is neither a run directory (with model/) nor a model folder (with model.pt)")
+
+
+def evaluate_external(
+    model_or_run: str | Path,
+    store: str | Path,
+    band_map: dict[str, str] | None = None,
+    reports: str | Path = "reports",
+    batch_size: int = 16,
+    tta: str = "none",
+    progress: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Score the model on every chip of `store`; returns the new run directory and its metrics."""
+    from workbench.data.bands import match_bands
+    from workbench.data.dataset import ChipDataset
+    from workbench.data.store import read_catalog, read_store_meta
+    from workbench.evaluate.chips import per_chip_table, pooled_metrics
+    from workbench.evaluate.scoring import calibration_quality
+    from workbench.infer.chips import load_predictions, write_predictions
+    from workbench.models.bundle import load_bundle
+
+    model_dir, source_run = resolve_model_dir(model_or_run)
+    bundle = load_bundle(model_dir)
+    store = Path(store).resolve()
+    meta = read_store_meta(store)
+    store_bands = [band["name"] for band in meta["bands"]]
+    chosen = match_bands(bundle.bands, store_bands, band_map)
+    source_size = _source_chip_size(source_run)
+    size = int(meta["chip_size"][0])
+    if source_size is not None and size != source_size:
+        raise ExternalStoreError(
+            f"store {store} holds {size} px chips but the model was trained on {source_size} px chips; re-ingest "
+            f"it with --chip-size {source_size} so objects appear at the scale the model learned"
+        )
+    catalog = read_catalog(store)
+    catalog["split"] = EXTERNAL_SPLIT
+    info = (
+        json.loads((source_run / "run.json").read_text()) if source_run and (source_run / "run.json").is_file() else {}
+    )
+    experiment = str(info.get("experiment", "external"))
+    layout = RunLayout.at(Path(reports).resolve(), experiment, f"{new_run_id()}-external-{store.name}")
+    layout.root.mkdir(parents=True, exist_ok=False)
+    layout.data.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(layout.catalog, catalog)
+    normalizer = dataclasses.replace(bundle.normalization, bands=list(chosen))
+    normalizer.save(layout.normalization_stats)
+    if source_run is not None and (source_run / "params.yaml").is_file():
+        shutil.copyfile(source_run / "params.yaml", layout.root / "source_params.yaml")
+    dataset = ChipDataset(store, np.arange(len(catalog)), bands=chosen, normalizer=normalizer)
+    write_predictions(layout.root, EXTERNAL_SPLIT, bundle.model.eval(), dataset, batch_size, tta=tta)
+    predictions = load_predictions(layout.root, EXTERNAL_SPLIT)
+    metrics: dict[str, Any] = {}
+    tables = {}
+    for name, temperature, threshold in (
+        ("raw", 1.0, 0.5),
+        ("calibrated", bundle.temperature, bundle.threshold),
+    ):
+        table = per_chip_table(store, catalog, predictions, threshold=threshold, temperature=temperature, bands=chosen)
+        tables[name] = table
+        metrics.update({f"{EXTERNAL_SPLIT}.{name}.{k}": v for k, v in pooled_metrics(table).items()})
+    calibrated = tables["calibrated"]
+    write_parquet_atomic(layout.per_chip(EXTERNAL_SPLIT), calibrated)
+    logits, targets = _pixel_sample(store, predictions)
+    if targets.size:
+        quality, _ = calibration_quality(logits, targets, bundle.temperature)
+        metrics.update({f"calibration.{k}": v for k, v in quality.items()})
+    metrics["calibration.temperature"] = bundle.temperature
+    metrics["calibration.threshold"] = bundle.threshold
+    worst = calibrated.sort_values("iou").head(10)
+    write_parquet_atomic(layout.diagnostic("external_worst_chips.parquet"), worst)
+    write_json_atomic(layout.metrics, metrics)
+    write_json_atomic(
+        layout.info,
+        {
+            "experiment": experiment,
+            "run_id": layout.root.name,
+            "kind": "external_evaluation",
+            "status": "complete",
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source_run": None if source_run is None else str(source_run.resolve()),
+            "model_dir": str(model_dir.resolve()),
+            "store": str(store),
+            "bands": dict(zip(bundle.bands, chosen)),
+            "notebooks": {},
+        },
+    )
+    return layout.root, metrics
+
+
+def _source_chip_size(source_run: Path | None) -> int | None:
+    if source_run is None:
+        return None
+    catalog = RunLayout(source_run).catalog
+    params = source_run / "params.yaml"
+    if not (catalog.is_file() and params.is_file()):
+        return None
+    from workbench.data.prepare import resolve_path
+    from workbench.data.store import read_store_meta
+    from workbench.params import load_params
+
+    try:
+        store = resolve_path(load_params(params).data.store)
+        return int(read_store_meta(store)["chip_size"][0])
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _pixel_sample(store: Path, predictions: Any, limit: int = 500_000) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and 0/1 targets of the usable pixels (valid, labelled), at most `limit` of them."""
+    from workbench.evaluate.scoring import iter_label_logits
+
+    logits, targets = [], []
+    count = 0
+    for _, label, valid, logit in iter_label_logits(store, predictions):
+        label = np.asarray(label)
+        usable = (label != 255) if valid is None else ((label != 255) & np.asarray(valid, dtype=bool))
+        logits.append(np.asarray(logit, dtype=np.float32).reshape(label.shape)[usable])
+        targets.append((label[usable] > 0).astype(np.float32))
+        count += int(usable.sum())
+        if count >= limit:
+            break
+    if not logits:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(logits)[:limit], np.concatenate(targets)[:limit]
+
+
+def worst_chips(run_dir: Path) -> pd.DataFrame:
+    """The ten chips of an external evaluation with the lowest IoU."""
+    return pd.read_parquet(RunLayout(run_dir).diagnostic("external_worst_chips.parquet"))
