@@ -120,11 +120,11 @@ def test_gpu_recipe_on_a_cpu_machine_falls_back_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    params = load_params(Path(__file__).parents[1] / "params" / "landslide4sense.yaml")
+    params = load_params(Path(__file__).parents[2] / "params" / "landslide4sense.yaml")
     with pytest.warns(CpuFallbackWarning, match="no such device"):
         resolved = resolve_hardware(params)
     assert (resolved.train.accelerator, resolved.train.precision, resolved.train.devices) == ("cpu", "32-true", 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cpu = load_params(Path(__file__).parents[1] / "params" / "demo.yaml")
+        cpu = load_params(Path(__file__).parents[2] / "params" / "demo.yaml")
         assert resolve_hardware(cpu) is cpu

@@ -1,5 +1,5 @@
 """Every recipe runs all four notebooks with the smoke profile through `workbench run`, on small data
-written in that data set's real layout (tests/data/fakes.py) and ingested as a user would."""
+written in that data set's real layout (tests/fakes.py) and ingested as a user would."""
 
 from __future__ import annotations
 
