@@ -45,7 +45,14 @@ def available_splits(params: Params, catalog: pd.DataFrame) -> list[str]:
     if params.data.split.method == "catalog":
         if "split" not in catalog.columns:
             return []
-        return sorted({str(value) for value in catalog["split"].dropna() if str(value)})
+        found = {str(value).strip().lower() for value in catalog["split"].dropna() if str(value).strip()}
+        if "train" in found:  # a missing val or test split is carved from train (`split.carve_missing_splits`)
+            cfg = params.data.split
+            if cfg.val_percent > 0:
+                found.add("val")
+            if 100 - cfg.train_percent - cfg.val_percent > 0:
+                found.add("test")
+        return sorted(found)
     return list(SPLITS)
 
 
