@@ -127,11 +127,12 @@ def build_callbacks(params: Params, run_dir: Path, task: Any) -> list[Any]:
     return callbacks
 
 
-def build_loggers(params: Params, run_dir: Path) -> list[Any]:
-    """CSV logs always; MLflow when `train.tracking.uri` is set (a server URI or a local folder)."""
-    from lightning.pytorch.loggers import CSVLogger
+def build_loggers(params: Params, run_dir: Path, resumed: bool = False) -> list[Any]:
+    """CSV logs always (atomic saves; a resumed run keeps its rows); MLflow when `train.tracking.uri` is set."""
+    from workbench.train.csvlog import AtomicCSVLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name=LOGS_DIR, version="")]  # logs/metrics.csv
+    csv_logger = AtomicCSVLogger(save_dir=str(run_dir), name=LOGS_DIR, version="", keep_existing=resumed)
+    loggers: list[Any] = [csv_logger]  # logs/metrics.csv
     tracking = params.train.tracking
     if tracking.uri:
         from lightning.pytorch.loggers import MLFlowLogger
@@ -357,9 +358,9 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     task = build_task(params, prepared, datamodule, run_dir)
     callbacks = build_callbacks(params, run_dir, task)
     lengths = sampler_epoch_lengths(params, prepared)
-    trainer = build_trainer(params, run_dir, callbacks, build_loggers(params, run_dir), lengths)
     last = layout.last_checkpoint
     resumed = resume and last.is_file()
+    trainer = build_trainer(params, run_dir, callbacks, build_loggers(params, run_dir, resumed), lengths)
     if resumed:
         check_checkpoint_params(last, params)
         check_checkpoint_matches(last, prepared.bands, normalization_record(prepared.stats_path))
