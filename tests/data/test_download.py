@@ -384,3 +384,33 @@ def test_list_and_unknown_name(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         assert f"{name}:" in out
     assert main(["download", "nonesuch", str(tmp_path)]) == 2
     assert "unknown data set 'nonesuch'" in capsys.readouterr().err
+
+
+def test_a_download_that_would_not_fit_is_refused_at_once_and_keeps_its_part(
+    server: tuple[str, ServerState], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.io import InsufficientSpaceError
+
+    base, state = server
+    state.files["/data/big.bin"] = PAYLOAD  # 1 MiB
+    monkeypatch.setattr("workbench.io.free_bytes", lambda directory: 512 * 1024)  # 0.5 MiB free
+    remote = RemoteFile(f"{base}/data/big.bin", "big.bin", len(PAYLOAD))
+    with pytest.raises(InsufficientSpaceError, match=rf"free space in {tmp_path} to write big\.bin .*1\.0 MiB"):
+        fetch_file(remote, tmp_path, retries=3, backoff=0.0, progress=False)
+    assert len([p for p, _ in state.requests if p == "/data/big.bin"]) == 1  # not retried: it cannot help
+    assert not (tmp_path / "big.bin").exists()
+
+
+def test_an_archive_that_would_not_fit_unpacked_is_refused_before_extraction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.io import InsufficientSpaceError
+
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("scenes/a.tif", b"\0" * 3 * 2**20)  # 3 MiB unpacked, a few kB packed
+    assert dl.unpacked_bytes(archive) == 3 * 2**20
+    monkeypatch.setattr("workbench.io.free_bytes", lambda directory: 2 * 2**20)
+    with pytest.raises(InsufficientSpaceError, match=r"contents of scenes\.zip \(unpacked\): it needs about 3\.0 MiB"):
+        dl.extract_archive(archive)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes.zip"]  # no folder, no partial left

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from workbench.io import write_json_atomic
+from workbench.io import InsufficientSpaceError, ensure_free_space, write_json_atomic
 
 MANIFEST = "download-manifest.json"
 CHUNK = 1 << 20
@@ -342,6 +342,8 @@ def _stream(
             offset = 0  # the server ignored the Range header: the body is the whole file
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else total_hint
+        if total is not None:
+            ensure_free_space(part.parent, total - offset, f"{label} (downloaded)")
         mode = "ab" if offset else "wb"
         with (
             open(part, mode) as handle,
@@ -392,6 +394,8 @@ def fetch_file(
             break
         except _Cut as exc:
             last = exc
+        except InsufficientSpaceError:
+            raise  # retrying cannot help; the part file is kept for the next run
         except urllib.error.HTTPError as exc:
             if exc.code not in RETRYABLE_STATUS:
                 raise DownloadError(
@@ -512,6 +516,18 @@ def _is_archive(name: str) -> bool:
     return name.endswith((".zip", ".tar", ".tar.gz", ".tgz"))
 
 
+def unpacked_bytes(archive: Path) -> int:
+    """The bytes the members of a .zip or .tar archive take once unpacked (from its member table)."""
+    try:
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zipped:
+                return sum(info.file_size for info in zipped.infolist())
+        with tarfile.open(archive) as tarred:
+            return sum(member.size for member in tarred.getmembers() if member.isfile())
+    except (zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise DownloadError(f"{archive} is not a readable archive ({exc}); delete it and download again") from exc
+
+
 def extract_archive(archive: Path) -> Path:
     """Unpack `archive` into a sibling folder (its name without the suffix), atomically; the folder."""
     stem = archive.name
@@ -524,6 +540,7 @@ def extract_archive(archive: Path) -> Path:
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".partial", dir=archive.parent))
     try:
+        ensure_free_space(archive.parent, unpacked_bytes(archive), f"the contents of {archive.name} (unpacked)")
         if archive.name.endswith(".zip"):
             with zipfile.ZipFile(archive) as zipped:
                 root = tmp.resolve()

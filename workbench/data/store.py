@@ -36,7 +36,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from workbench.arrays import IGNORE_INDEX
-from workbench.io import atomic_directory, write_json_atomic, write_parquet_atomic
+from workbench.io import atomic_directory, ensure_free_space, write_json_atomic, write_parquet_atomic
 
 STORE_VERSION = 2  # 1: one chunk file per chip; 2: per-chip chunks inside shards (both are read)
 SHARD_TARGET_BYTES = 64 * 2**20  # image bytes per shard; bounds the writer's buffer too
@@ -218,6 +218,8 @@ class StoreWriter:
         }
         for name in self._planes or ():
             data_vars[name] = (("chip", "y", "x"), np.stack([np.asarray(c.planes[name]) for c in chips]))
+        nbytes = sum(np.asarray(values).nbytes for _, values in data_vars.values())  # uncompressed chunks
+        ensure_free_space(self.dest.parent, nbytes, f"{len(chips)} chips of the store {self.dest.name} (uncompressed)")
         for name, (_, values) in data_vars.items():
             self._hash.update(name.encode())
             self._hash.update(np.ascontiguousarray(values).tobytes())

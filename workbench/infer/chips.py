@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from workbench.data.dataset import ChipDataset
 from workbench.infer.tta import predict_with_tta
-from workbench.io import atomic_directory
+from workbench.io import atomic_directory, ensure_free_space
 from workbench.run import TRAINING, RunLayout
 
 
@@ -60,13 +60,15 @@ def collect_logits(
 def save_predictions(
     run_dir: Path, name: str, indices: np.ndarray, logits: np.ndarray, attrs: dict[str, Any] | None = None
 ) -> Path:
-    """Write logits (chunked per chip) to `<run_dir>/predictions/<name>.zarr` atomically."""
+    """Write logits (chunked per chip) to `<run_dir>/predictions/<name>.zarr` atomically, free space checked first."""
     ds = xr.Dataset(
         {"logit": (("chip", "y", "x"), np.asarray(logits, dtype=np.float16))},
         coords={"chip_index": ("chip", np.asarray(indices))},
         attrs=dict(attrs or {}),
     )
     dest = RunLayout(run_dir).predictions(name)
+    nbytes = int(ds["logit"].nbytes + ds["chip_index"].nbytes)  # uncompressed upper bound (zstd shrinks it)
+    ensure_free_space(dest.parent, nbytes, f"the logits of {len(indices)} chips ({dest.name})")
     with atomic_directory(dest, overwrite=True) as tmp:
         encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}
         ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
