@@ -24,6 +24,7 @@ FLOORS: dict[str, tuple[float, str]] = {
     "workbench.io": (0.0, "foundation"),
     "workbench.indices": (0.0, "foundation"),
     "workbench.arrays": (0.0, "foundation"),
+    "workbench.periodic": (0.0, "foundation"),
     "workbench.functional": (0.0, "foundation"),
     "workbench.run": (0.0, "foundation"),
     "workbench.data": (1.0, "data"),
@@ -49,6 +50,7 @@ FLOORS: dict[str, tuple[float, str]] = {
 # foundation modules are ordered among themselves too: io and arrays need nothing of the package
 FOUNDATION_ORDER = [
     "workbench.arrays",
+    "workbench.periodic",
     "workbench.io",
     "workbench.params",
     "workbench.indices",

@@ -43,11 +43,12 @@ from workbench.runstatus import (
     KILLED,
     RUNNING,
     RunInterrupted,
+    heartbeat,
     index_lock,
     mark_dead_runs,
     now,
-    process_alive,
     process_record,
+    run_alive,
     stop_on_signals,
 )
 from workbench.stages.external import evaluate_external
@@ -259,7 +260,7 @@ def _execute_stages(
     cwd = Path.cwd()
     started = time.perf_counter()
     error: BaseException | None = None
-    with stop_on_signals():
+    with stop_on_signals(), heartbeat(layout.heartbeat):  # other hosts tell a live run from a lost one by it
         try:
             for name in names:
                 t0 = time.perf_counter()
@@ -415,8 +416,12 @@ def continue_run(
             )
     if launcher_rank() != 0:
         return follow_run(layout, names, fresh=False)
-    if info.get("status") == RUNNING and process_alive(info.get("process")) is not False:
-        raise ValueError(f"run {layout.root} is still running (process {info.get('process', {}).get('pid')})")
+    if info.get("status") == RUNNING and run_alive(info, layout.root) is not False:
+        record = info.get("process") or {}
+        raise ValueError(
+            f"run {layout.root} is still running (process {record.get('pid')} on {record.get('host')}); "
+            "wait for it to end, or stop it first"
+        )
     info.update(status=RUNNING, process=process_record(), cell_timeout=cell_timeout)
     for key in ("error", "end", "finished"):
         info.pop(key, None)

@@ -69,6 +69,7 @@ STAGE_NAMES = [*NOTEBOOKS, *(name[:2] for name in NOTEBOOKS)]
 
 PARAMS_FILE = "params.yaml"
 RUN_FILE = "run.json"
+HEARTBEAT_FILE = "heartbeat.json"  # rewritten every few seconds by the process running the run
 METRICS_FILE = "metrics.json"
 INDEX_FILE = "index.html"
 STAGED_DIR = ".inputs"
@@ -123,6 +124,11 @@ class RunLayout:
     def info(self) -> Path:
         """run.json."""
         return self.root / RUN_FILE
+
+    @property
+    def heartbeat(self) -> Path:
+        """heartbeat.json: the running process's id, host and last beat, so other hosts can tell it is alive."""
+        return self.root / HEARTBEAT_FILE
 
     @property
     def metrics(self) -> Path:

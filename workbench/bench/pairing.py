@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -34,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import psutil
+
+from workbench.periodic import Ticker
 
 Run = Callable[[], float | None]
 """One timed unit of work; returns its own measured seconds, or None to be timed around the call."""
@@ -85,7 +86,7 @@ def log_iqr(ratios: list[float]) -> float:
 
 @dataclass
 class LoadMonitor:
-    """Samples the machine's load in a background thread: 1-minute load average and CPU percentages.
+    """Samples the machine's load in a background thread (a `Ticker`): 1-minute load average and CPU percentages.
 
     `cpu_percent` is the whole machine's use (100 = every core busy); `process_cpu_percent` is this
     process's own use, children excluded, in percent of one core.
@@ -93,37 +94,30 @@ class LoadMonitor:
 
     interval: float = 0.5
     samples: list[dict[str, float]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _ticker: Ticker | None = None
+    _process: psutil.Process | None = None
 
-    def _sample(self, process: psutil.Process) -> None:
+    def _sample(self) -> None:
+        assert self._process is not None
         self.samples.append(
             {
                 "t": time.time(),
                 "loadavg_1m": os.getloadavg()[0],
                 "cpu_percent": psutil.cpu_percent(None),
-                "process_cpu_percent": process.cpu_percent(None),
+                "process_cpu_percent": self._process.cpu_percent(None),
             }
         )
 
-    def _loop(self) -> None:
-        process = psutil.Process()
-        psutil.cpu_percent(None)
-        process.cpu_percent(None)
-        while not self._stop.wait(self.interval):
-            self._sample(process)
-        self._sample(process)
-
     def __enter__(self) -> LoadMonitor:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        self._process = psutil.Process()
+        psutil.cpu_percent(None)  # the first call only starts the measurement
+        self._process.cpu_percent(None)
+        self._ticker = Ticker(self._sample, self.interval, immediate=False, name="load-monitor").start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._ticker is not None:
+            self._ticker.stop()  # samples once more on the way out
 
     def summary(self) -> dict[str, Any]:
         """Load average and CPU use (minimum, median, maximum over the samples) and the core count."""

@@ -11,7 +11,6 @@ Client already active in the session). `PeakMemory` measures what a run actually
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 from workbench.arrays import window_starts
 from workbench.infer.windows import predict_array
 from workbench.models.bundle import ModelBundle
+from workbench.periodic import Ticker
 
 DEFAULT_MEMORY_LIMIT_MB = 1024
 OUTPUT_TILE = 256
@@ -34,14 +34,13 @@ Span = tuple[int, int]
 
 
 class PeakMemory:
-    """Samples this process's resident memory in a background thread; use as a context manager."""
+    """Samples this process's resident memory in a background thread (a `Ticker`); use as a context manager."""
 
     def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
         self.baseline_mb = 0.0
         self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker: Ticker | None = None
 
     @staticmethod
     def rss_mb() -> float:
@@ -55,21 +54,16 @@ class PeakMemory:
         return max(0.0, self.peak_mb - self.baseline_mb)
 
     def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self.rss_mb())
-            self._stop.wait(self.interval_s)
+        self.peak_mb = max(self.peak_mb, self.rss_mb())
 
     def __enter__(self) -> PeakMemory:
         self.baseline_mb = self.peak_mb = self.rss_mb()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._ticker = Ticker(self._sample, self.interval_s, name="peak-memory").start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak_mb = max(self.peak_mb, self.rss_mb())
+        if self._ticker is not None:
+            self._ticker.stop()  # samples once more on the way out
 
 
 # --------------------------------------------------------------------------- block plan
