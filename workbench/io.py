@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -121,6 +121,36 @@ def fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def append_line(handle: BinaryIO, line: str) -> None:
+    """Append one UTF-8 line to a file open in "a+b" mode, then flush and fsync it.
+
+    A last line left without its line end (a writer killed mid-line) is closed first, so the torn
+    line cannot swallow this one; readers then skip the torn line alone.
+    """
+    prefix = b""
+    end = handle.seek(0, os.SEEK_END)
+    if end > 0:
+        handle.seek(end - 1)
+        if handle.read(1) != b"\n":
+            prefix = b"\n"
+        handle.seek(0, os.SEEK_END)
+    handle.write(prefix + line.encode("utf-8") + b"\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def append_line_to(path: Path, line: str) -> Path:
+    """Append one line to the file at `path` (created when missing, its folder fsynced then) durably."""
+    path = Path(path)
+    created = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        append_line(handle, line)
+    if created:
+        fsync_path(path.parent)
+    return path
 
 
 def commit_temp(tmp: Path, path: Path) -> Path:

@@ -48,3 +48,14 @@ def test_atomic_directory_refuses_existing_without_overwrite(tmp_path: Path) -> 
     (tmp_path / "d").mkdir()
     with pytest.raises(FileExistsError, match="already exists"), atomic_directory(tmp_path / "d"):
         pass
+
+
+def test_append_line_closes_a_torn_last_line_and_keeps_the_new_one_whole(tmp_path: Path) -> None:
+    from workbench.io import append_line_to
+
+    path = append_line_to(tmp_path / "log" / "decisions.jsonl", '{"a": 1}')  # creates the folder and file
+    with open(path, "ab") as handle:
+        handle.write(b'{"b": 2')  # a writer killed mid-line
+    append_line_to(path, '{"c": 3}')
+    append_line_to(path, '{"d": "\u00e9"}')
+    assert path.read_bytes() == b'{"a": 1}\n{"b": 2\n{"c": 3}\n{"d": "\xc3\xa9"}\n'

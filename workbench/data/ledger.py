@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workbench.io import write_bytes_atomic
+from workbench.io import append_line, fsync_path, write_bytes_atomic
 
 DECISIONS = ("keep", "drop", "fix", "unsure")
 LEDGER_FORMAT = "workbench-review-ledger"
@@ -92,19 +92,6 @@ def store_fingerprint(chip_ids: Iterable[str]) -> str:
     for chip_id in chip_ids:
         digest.update(str(chip_id).encode("utf-8") + b"\n")
     return digest.hexdigest()[:16]
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _safe_name(chip_id: str) -> str:
@@ -197,7 +184,7 @@ class Ledger:
             if label is not None:
                 relative, digest = self._write_label(chip_id, label)
                 entry["corrected"], entry["sha256"] = relative, digest
-            self._write_line(handle, json.dumps(entry, ensure_ascii=False))
+            append_line(handle, json.dumps(entry, ensure_ascii=False))
         lines = self.line_count()
         return LedgerEntry(**{key: str(value) for key, value in entry.items()}, line=lines)
 
@@ -245,8 +232,8 @@ class Ledger:
                         ) from None
                     raise
                 if created or self.handle.seek(0, os.SEEK_END) == 0:
-                    ledger._write_line(self.handle, json.dumps(ledger._header(), ensure_ascii=False))
-                    _fsync_directory(ledger.root)
+                    append_line(self.handle, json.dumps(ledger._header(), ensure_ascii=False))
+                    fsync_path(ledger.root)
                 return self.handle
 
             def __exit__(self, *exc: Any) -> None:
@@ -256,19 +243,6 @@ class Ledger:
                 self.handle.close()
 
         return _Lock()
-
-    @staticmethod
-    def _write_line(handle: Any, line: str) -> None:
-        prefix = b""
-        end = handle.seek(0, os.SEEK_END)
-        if end > 0:
-            handle.seek(end - 1)
-            if handle.read(1) != b"\n":
-                prefix = b"\n"  # a torn last line must not swallow this decision
-            handle.seek(0, os.SEEK_END)
-        handle.write(prefix + line.encode("utf-8") + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
     def _write_label(self, chip_id: str, label: np.ndarray) -> tuple[str, str]:
         import io

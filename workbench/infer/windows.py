@@ -203,62 +203,28 @@ def _multiscale_logits(
     """Average (NaN-aware) the blended logits of each scale, resized back to the input grid."""
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be positive numbers, got {list(scales)}")
-    if list(scales) == [1.0]:
-        logits = _grid_logits(
-            model,
-            image,
-            valid,
-            row_starts,
-            col_starts,
-            window,
-            stride,
-            batch_size,
-            tta,
-            device,
-            pad_mode,
-            progress,
-            precision,
+
+    def grid(
+        img: torch.Tensor, ok: torch.Tensor, rows: Sequence[int] | None, cols: Sequence[int] | None
+    ) -> torch.Tensor:
+        """Blended logits of one scale's image (the window options are those of the call)."""
+        return _grid_logits(
+            model, img, ok, rows, cols, window, stride, batch_size, tta, device, pad_mode, progress, precision
         )
-        return logits.masked_fill_(~valid, float("nan"))
+
+    if list(scales) == [1.0]:
+        return grid(image, valid, row_starts, col_starts).masked_fill_(~valid, float("nan"))
     height, width = int(image.shape[-2]), int(image.shape[-1])
     total: torch.Tensor | None = None
     count: torch.Tensor | None = None
     for scale in scales:
         if scale == 1.0:
-            logits = _grid_logits(
-                model,
-                image,
-                valid,
-                row_starts,
-                col_starts,
-                window,
-                stride,
-                batch_size,
-                tta,
-                device,
-                pad_mode,
-                progress,
-                precision,
-            )
+            logits = grid(image, valid, row_starts, col_starts)
         else:
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             small = _resize(image, size, "bilinear")
             small_valid = _resize(valid[None].float(), size, "nearest")[0] > 0.5
-            coarse = _grid_logits(
-                model,
-                small,
-                small_valid,
-                None,
-                None,
-                window,
-                stride,
-                batch_size,
-                tta,
-                device,
-                pad_mode,
-                progress,
-                precision,
-            )
+            coarse = grid(small, small_valid, None, None)
             covered = _resize(torch.isfinite(coarse[:1]).float(), (height, width), "bilinear")[0]
             logits = _resize(torch.nan_to_num(coarse, nan=0.0), (height, width), "bilinear")
             logits = torch.where(covered > 0.999, logits, float("nan"))

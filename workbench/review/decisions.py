@@ -8,7 +8,6 @@ append-only JSON-lines file that survives crashes; `review_decisions` reads the 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import pandas as pd
 
 from workbench.data.agreement import require_columns
 from workbench.functional import iou_score
+from workbench.io import append_line_to
 
 DECISIONS = ("keep", "drop", "fix", "unsure")
 
@@ -87,20 +87,7 @@ class ReviewLog:
         return entry
 
     def _append(self, line: str) -> None:
-        created = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as handle:
-            prefix = b""
-            end = handle.seek(0, os.SEEK_END)
-            if end > 0:
-                handle.seek(end - 1)
-                if handle.read(1) != b"\n":
-                    prefix = b"\n"  # a damaged last line must not swallow this decision
-            handle.write(prefix + line.encode("utf-8") + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        if created:
-            _fsync_directory(self.path.parent)
+        append_line_to(self.path, line)  # a damaged last line cannot swallow this decision
 
     def read(self) -> list[ReviewDecision]:
         """All readable decisions in file order; unreadable lines are warned about and skipped."""
@@ -127,19 +114,6 @@ class ReviewLog:
     def chip_ids(self, decision: str = "drop") -> set[str]:
         """Chips whose latest decision is `decision`."""
         return {chip_id for chip_id, entry in self.latest().items() if entry.decision == decision}
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def review_decisions(path: str | Path) -> pd.DataFrame:

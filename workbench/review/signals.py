@@ -111,12 +111,7 @@ def noise_score(
     valid: np.ndarray,
     prob: np.ndarray | None,
     cfg: ReviewParams | None = None,
-    threshold: float = 0.5,
-    confident_weight: float = 1.0,
-    confidence: float = 0.9,
-    smooth_pixels: float = 8.0,
-    green: str = "B03",
-    swir: str = "B11",
+    **options: Any,
 ) -> float:
     """Suspicion that a chip's label is wrong; higher = review first.
 
@@ -134,12 +129,10 @@ def noise_score(
     the model is right) add nothing; the confident term is the confident-learning signal (Northcutt et al.
     2021) of pixels the model is sure about but the label contradicts. The pseudo-count `s` is the small-
     object guard: a few stray pixels on an empty chip do not look like a missing lake.
-    Without `prob` the score is cfg.index_weight * (1 - IoU_s(L, W)).
+    Without `prob` the score is cfg.index_weight * (1 - IoU_s(L, W)). `options` are those of `noise_terms`
+    (threshold, confident_weight, confidence, smooth_pixels, green, swir), with the same defaults.
     """
-    terms = noise_terms(
-        image, band_names, label, valid, prob, cfg, threshold, confident_weight, confidence, smooth_pixels, green, swir
-    )
-    return terms["score"]
+    return noise_terms(image, band_names, label, valid, prob, cfg, **options)["score"]
 
 
 def cleanlab_quality(labels: np.ndarray, probs: np.ndarray, scored: np.ndarray) -> np.ndarray:
