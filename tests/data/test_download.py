@@ -414,3 +414,23 @@ def test_an_archive_that_would_not_fit_unpacked_is_refused_before_extraction(
     with pytest.raises(InsufficientSpaceError, match=r"contents of scenes\.zip \(unpacked\): it needs about 3\.0 MiB"):
         dl.extract_archive(archive)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes.zip"]  # no folder, no partial left
+
+
+def test_an_unpacked_archive_gets_the_users_normal_permissions(tmp_path: Path) -> None:
+    import stat
+
+    from workbench.io import TEMP_MARK
+
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("a.tif", b"x")
+    dead = tmp_path / f".scenes.{TEMP_MARK}-999999999-abcd.partial"  # an extraction that was killed
+    dead.mkdir()
+    previous = os.umask(0o022)
+    try:
+        target = dl.extract_archive(archive)
+    finally:
+        os.umask(previous)
+    assert (target / "a.tif").read_bytes() == b"x"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes", "scenes.zip"]  # the leftover is gone

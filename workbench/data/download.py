@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from workbench.io import InsufficientSpaceError, ensure_free_space, write_json_atomic
+from workbench.io import InsufficientSpaceError, ensure_free_space, sweep_leftovers, temp_name, write_json_atomic
 
 MANIFEST = "download-manifest.json"
 CHUNK = 1 << 20
@@ -538,7 +538,9 @@ def extract_archive(archive: Path) -> Path:
     target = archive.with_name(stem)
     if target.is_dir():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".partial", dir=archive.parent))
+    sweep_leftovers(archive.parent, only=target.name)  # the partial folder of an interrupted extraction
+    tmp = temp_name(target, ".partial")
+    os.mkdir(tmp, 0o777)  # the user's normal permissions (umask), not mkdtemp's 0700
     try:
         ensure_free_space(archive.parent, unpacked_bytes(archive), f"the contents of {archive.name} (unpacked)")
         if archive.name.endswith(".zip"):
