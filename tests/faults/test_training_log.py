@@ -157,3 +157,13 @@ def test_kill_9_during_a_log_save_leaves_the_previous_log(tmp_path: Path) -> Non
     leftovers = [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
     assert len(leftovers) == 1 and f"-{child.pid}-" in leftovers[0].name
     assert sweep_leftovers(tmp_path).removed == leftovers
+
+
+def test_the_log_is_saved_with_every_checkpoint(tmp_path: Path) -> None:
+    logger = AtomicCSVLogger(save_dir=str(tmp_path), name="logs", version="", flush_logs_every_n_steps=1000)
+    logger.log_metrics({"epoch": 0, "train/loss": 1.0}, step=0)
+    assert not (tmp_path / "logs" / "metrics.csv").exists()  # held in memory until a flush ...
+    logger.after_save_checkpoint(None)  # ... or a checkpoint: a kill after it loses no row before it
+    assert pd.read_csv(tmp_path / "logs" / "metrics.csv").to_dict("records") == [
+        {"epoch": 0, "step": 0, "train/loss": 1.0}
+    ]

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_demo_params
@@ -97,6 +98,12 @@ def test_killed_mid_epoch_and_resumed_run_matches_uninterrupted_run(
     assert expected.keys() == got.keys()
     different = [name for name in expected if not torch.equal(expected[name], got[name])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    # the training log of the resumed run holds the whole run: the same per-epoch values as the uninterrupted one
+    from workbench.train.log import epoch_table
+
+    curves = [epoch_table(run / "logs" / "metrics.csv") for run in (tmp_path / "a", run_b)]
+    assert curves[0].index.tolist() == [0, 1]
+    pd.testing.assert_frame_equal(curves[0], curves[1])
 
     # the control: resuming without the loader position (restarting the epoch) does not reproduce the weights
     checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"batches": 0, "epoch": 1}]

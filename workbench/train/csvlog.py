@@ -59,11 +59,19 @@ class AtomicExperimentWriter(ExperimentWriter):
 
 
 class AtomicCSVLogger(CSVLogger):
-    """Lightning's CSVLogger writing through `AtomicExperimentWriter`; `keep_existing` on a resumed run."""
+    """Lightning's CSVLogger writing through `AtomicExperimentWriter`; `keep_existing` on a resumed run.
+
+    The log is also saved after every checkpoint, so a run killed later resumes with every row up to
+    its checkpoint on disk (the rows after it are logged again, with the same values, by the resumed run).
+    """
 
     def __init__(self, *args: Any, keep_existing: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keep_existing = keep_existing
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Save the rows logged so far together with each checkpoint (rank 0 only, like `save`)."""
+        self.save()
 
     @property
     @rank_zero_experiment
