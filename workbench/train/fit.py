@@ -28,7 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from workbench.data.loading import build_datamodule, data_pos_weight
+from workbench.data.loading import build_datamodule, class_pixel_counts, data_pos_weight
 from workbench.data.normalize import NormalizationStats, compute_stats
 from workbench.data.prepare import PreparedData
 from workbench.data.sampling import build_sampler
@@ -250,6 +250,18 @@ def normalization_record(stats_path: Path) -> dict[str, Any]:
     }
 
 
+def check_checkpoint_classes(checkpoint: Path, num_classes: int) -> None:
+    """Refuse to resume from a checkpoint of a model with another number of classes; name both and the file."""
+    state = load_checkpoint_file(checkpoint)
+    saved = (state.get("hyper_parameters", {}).get("model_params") or {}).get("num_classes", 1)
+    if int(saved) != int(num_classes):
+        raise CheckpointMismatch(
+            f"not resuming: {checkpoint} holds a model with num_classes={saved} but model.num_classes={num_classes}; "
+            f"nothing was trained or overwritten. Set model.num_classes={saved}, or delete {checkpoint.parent} "
+            "(and model/) of this run, or start a new run directory"
+        )
+
+
 def check_checkpoint_matches(checkpoint: Path, bands: list[str], normalization: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint whose bands or normalisation differ from the data; say which."""
 
@@ -342,6 +354,7 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
         prevalences=list(params.evaluate.prevalences),
         positive_threshold=params.data.sampler.positive_threshold,
         normalization=normalization_record(prepared.stats_path),
+        class_pixel_counts=class_pixel_counts(params, datamodule),
     )
     task.chip_ids = prepared.catalog["chip_id"].astype(str).to_numpy()
     if params.train.compile:
@@ -362,6 +375,7 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     resumed = resume and last.is_file()
     trainer = build_trainer(params, run_dir, callbacks, build_loggers(params, run_dir, resumed), lengths)
     if resumed:
+        check_checkpoint_classes(last, params.model.num_classes)
         check_checkpoint_params(last, params)
         check_checkpoint_matches(last, prepared.bands, normalization_record(prepared.stats_path))
     started = time.perf_counter()
