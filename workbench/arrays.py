@@ -1,5 +1,5 @@
-"""Array primitives every floor of the package shares: the ignore label, the logistic function and
-window tiling.
+"""Array primitives every floor of the package shares: the ignore label, the logistic and
+softmax functions and window tiling.
 
 They live at the foundation so that data readers, training, evaluation and inference agree on one
 definition of each instead of keeping private copies.
@@ -21,6 +21,18 @@ def sigmoid(x: ArrayLike, dtype: type[np.floating] = np.float64) -> np.ndarray:
     """
     arr = np.asarray(x, dtype=dtype)
     return np.asarray(0.5 * (1.0 + np.tanh(0.5 * arr)), dtype=dtype)
+
+
+def softmax(x: ArrayLike, axis: int = 1, dtype: type[np.floating] = np.float64) -> np.ndarray:
+    """Numerically stable softmax of `x` along `axis` (the class axis: 1 for (N, C, H, W), 0 for (C, H, W)).
+
+    The one softmax of the package, beside `sigmoid`: the maximum is subtracted first so large logits
+    never overflow; the result sums to 1 along `axis`.
+    """
+    arr = np.asarray(x, dtype=dtype)
+    shifted = arr - np.max(arr, axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    return np.asarray(exp / np.sum(exp, axis=axis, keepdims=True), dtype=dtype)
 
 
 def window_starts(size: int, window: int, stride: int, allow_gaps: bool = False) -> list[int]:

@@ -191,6 +191,34 @@ class TerraMindConfig(StrictModel):
     )
 
 
+# Class colours: background black, then the matplotlib tab10 cycle (distinct, colour-blind tolerable order).
+CLASS_PALETTE = [
+    "#000000",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
+
+
+class ClassSpec(StrictModel):
+    """One class of the label: a name (used in metric names and legends) and a colour "#rrggbb"."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="letters, digits, _ . - (used in metric names)")
+    color: str = Field(pattern=r"^#[0-9a-fA-F]{6}$", description='"#rrggbb"')
+
+    @field_validator("color")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
 class ModelParams(StrictModel):
     """Architecture selection."""
 
@@ -199,10 +227,47 @@ class ModelParams(StrictModel):
     encoder_depth: int = Field(5, ge=3, le=5)
     decoder_channels: list[int] | None = None
     encoder_weights: Path | None = Field(None, description="local encoder weights file (3-channel ImageNet is adapted)")
-    num_classes: int = Field(1, ge=1, description="1 = binary (one logit)")
+    num_classes: int = Field(
+        1, ge=1, description="1 = binary (one logit, sigmoid); >= 2 = C logits, softmax, class 0 = background"
+    )
+    classes: list[ClassSpec] | None = Field(
+        None,
+        description="class names and colours, one per class (2 for a binary model: background, foreground); "
+        "default: background/foreground or class_0..class_{C-1} with a fixed palette",
+    )
     terramind: TerraMindConfig = Field(default_factory=TerraMindConfig)
     fusion_groups: list[list[str]] = Field(default_factory=list, description="band groups for late_fusion")
     base_channels: int = Field(32, ge=4, description="width of satunet")
+
+    @model_validator(mode="after")
+    def _classes_match(self) -> ModelParams:
+        if self.classes is not None:
+            expected = max(self.num_classes, 2)
+            if len(self.classes) != expected:
+                what = "background and foreground" if self.num_classes == 1 else f"model.num_classes={self.num_classes}"
+                raise ValueError(
+                    f"model.classes lists {len(self.classes)} classes but {what} needs exactly {expected}; "
+                    f"give one name and colour per class or drop model.classes for the defaults"
+                )
+            names = [spec.name for spec in self.classes]
+            if len(set(names)) != len(names):
+                raise ValueError(f"model.classes repeats a name: {names}; class names must be unique")
+        return self
+
+
+def resolve_classes(model: ModelParams) -> list[ClassSpec]:
+    """The model's classes: `model.classes`, else background/foreground (binary) or class_0..class_{C-1}.
+
+    A binary model (one logit) has two classes: 0 = background, 1 = foreground.
+    """
+    if model.classes is not None:
+        return list(model.classes)
+    if model.num_classes == 1:
+        return [
+            ClassSpec(name="background", color=CLASS_PALETTE[0]),
+            ClassSpec(name="foreground", color=CLASS_PALETTE[1]),
+        ]
+    return [ClassSpec(name=f"class_{i}", color=CLASS_PALETTE[i % len(CLASS_PALETTE)]) for i in range(model.num_classes)]
 
 
 # --------------------------------------------------------------------------- train
@@ -211,7 +276,9 @@ class ModelParams(StrictModel):
 class LossTerm(StrictModel):
     """One weighted term of the training loss; options not used by `name` are ignored."""
 
-    name: Literal["bce", "dice", "generalized_dice", "focal", "tversky", "lovasz", "boundary", "ohem_bce"]
+    name: Literal["bce", "ce", "dice", "generalized_dice", "focal", "tversky", "lovasz", "boundary", "ohem_bce"] = (
+        Field(description="bce/ohem_bce/boundary: binary only; ce: softmax only; the others both")
+    )
     weight: float = Field(1.0, ge=0)
     pos_weight: float | Literal["data", "batch"] | None = Field(
         None, description="BCE positive weight: a number, 'data' (from the train split) or 'batch' (per-batch clamp)"
@@ -224,6 +291,20 @@ class LossTerm(StrictModel):
     smooth: float = Field(1.0, ge=0)
     keep_ratio: float = Field(0.5, gt=0, le=1)
     min_kept: int = Field(4096, ge=1)
+    class_weights: list[float] | Literal["frequency"] | None = Field(
+        None,
+        description="per-class weights (softmax models, ce / focal / dice): one number per class, or 'frequency' "
+        "= inverse pixel frequency of each class in the train split, normalised to mean 1 and capped",
+    )
+    class_weight_max: float = Field(10.0, gt=0, description="cap of the 'frequency' class weights")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of ce")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _non_negative(cls, value: list[float] | str | None) -> list[float] | str | None:
+        if isinstance(value, list) and (not value or any(w < 0 for w in value)):
+            raise ValueError(f"class_weights must be non-negative numbers, one per class, got {value}")
+        return value
 
 
 class OptimizerConfig(StrictModel):
@@ -322,6 +403,12 @@ class CalibrateParams(StrictModel):
     threshold_rule: Literal["best_iou", "best_f1", "target_precision", "fixed"] = "best_iou"
     target_precision: float = Field(0.8, gt=0, le=1)
     per_region: bool = False
+    per_class_temperature: bool = Field(False, description="softmax models: one temperature per class (vector scaling)")
+    class_of_interest: str | None = Field(
+        None,
+        description="softmax models: a class name decided by its own probability threshold (threshold_rule on "
+        "the calibration split, one-vs-rest) before the argmax of the others",
+    )
 
 
 class ReviewParams(StrictModel):
@@ -400,6 +487,30 @@ class Params(StrictModel):
         split = self.data.split
         if split.train_percent + split.val_percent > 100:
             raise ValueError("data.split.train_percent + data.split.val_percent must not exceed 100")
+        return self
+
+    @model_validator(mode="after")
+    def _multiclass_consistent(self) -> Params:
+        n_classes = self.model.num_classes
+        names = [spec.name for spec in resolve_classes(self.model)]
+        if n_classes >= 2 and "loss" not in self.train.model_fields_set:  # the default loss, for softmax
+            self.train.loss = [LossTerm(name="ce"), LossTerm(name="dice")]
+        for term in self.train.loss:
+            if isinstance(term.class_weights, list) and len(term.class_weights) != max(n_classes, 2):
+                raise ValueError(
+                    f"train.loss {term.name}: class_weights lists {len(term.class_weights)} numbers but the model "
+                    f"has {max(n_classes, 2)} classes ({', '.join(names)})"
+                )
+            if n_classes == 1 and term.name == "ce":
+                raise ValueError("train.loss ce needs model.num_classes >= 2; a binary model uses bce")
+            if n_classes >= 2 and term.name in ("bce", "ohem_bce", "boundary"):
+                raise ValueError(
+                    f"train.loss {term.name} is for binary models (one logit) but model.num_classes={n_classes}; "
+                    "use ce, dice, generalized_dice, focal, tversky or lovasz"
+                )
+        coi = self.calibrate.class_of_interest
+        if coi is not None and coi not in names:
+            raise ValueError(f"calibrate.class_of_interest {coi!r} is not a class; the classes are {names}")
         return self
 
 

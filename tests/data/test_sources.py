@@ -11,12 +11,12 @@ from conftest import load_fakes
 
 from workbench.arrays import IGNORE_INDEX
 from workbench.data.ingest import FORMATS, UnknownFormatError, ingest, parse_option, parse_options, reader_options
-from workbench.data.sources import SourceError, chip_count, map_classes, tile_windows
+from workbench.data.sources import SourceError, as_class_map, chip_count, map_classes, tile_windows
 from workbench.data.sources.cloud38 import read_cloud38
 from workbench.data.sources.cryosentinel import read_cryosentinel
 from workbench.data.sources.geotiff import read_geotiff
 from workbench.data.sources.landslide4sense import read_landslide4sense
-from workbench.data.sources.npz import read_npz, read_ukis_csmask
+from workbench.data.sources.npz import UKIS_MULTICLASS_MAP, read_npz, read_ukis_csmask
 from workbench.data.sources.sen1floods11 import read_sen1floods11
 from workbench.data.sources.terramesh import read_terramesh
 from workbench.data.sources.vector import rasterize_polygons, read_polygons, read_vector
@@ -51,7 +51,10 @@ def test_tile_windows_cover_raster_with_last_window_flush():
 def test_map_classes():
     raw = np.array([[0, 1, 2, 3, 4, -1]])
     assert map_classes(raw, {4: 1}, ignore_values=[-1]).tolist() == [[0, 0, 0, 0, 1, 255]]
-    assert map_classes(raw, {0: 1, 4: 2}, ignore_values=[-1]).tolist() == [[1, 0, 0, 0, 2, 255]]
+    assert map_classes(raw, {0: 1, 4: 2, "other": 0}, ignore_values=[-1]).tolist() == [[1, 0, 0, 0, 2, 255]]
+    assert map_classes(raw, as_class_map("{0: 2, 4: 1, 3: ignore, other: 0}")).tolist() == [[2, 0, 0, 255, 1, 0]]
+    with pytest.raises(ValueError, match=r"a\.npz: raw label value\(s\) 1 \(1 px\), 2 \(1 px\), 3 \(1 px\).*other"):
+        map_classes(raw, {0: 1, 4: 2}, ignore_values=[-1], where="a.npz")  # multiclass maps name every value
     assert map_classes(raw, None, ignore_values=[-1]).tolist() == [[0, 1, 2, 3, 4, 255]]
     with pytest.raises(ValueError, match="class_map"):
         map_classes(np.array([300]), None)
@@ -253,8 +256,12 @@ def test_ukis_npz_preset_and_multiclass(tmp_path):
     chip = next(source.chips)
     np.testing.assert_array_equal(chip.image, data["image"])
     assert chip.label.mean() == pytest.approx(16 / 64)  # rows 8..23 are cloud
-    chip = next(read_ukis_csmask(tmp_path, class_map={0: 1, 4: 2}).chips)
+    chip = next(read_ukis_csmask(tmp_path, class_map={0: 1, 4: 2, "other": 0}).chips)
     assert (chip.label[:8] == 1).all() and (chip.label[8:24] == 2).all() and (chip.label[24:] == 0).all()
+    chip = next(read_ukis_csmask(tmp_path, class_map=UKIS_MULTICLASS_MAP).chips)  # clear 0, cloud 1, shadow 2
+    assert (chip.label[:8] == 2).all() and (chip.label[8:24] == 1).all() and (chip.label[24:] == 0).all()
+    with pytest.raises(SourceError, match=r"landsat7\.npz.*raw label value\(s\) 3 \(2560 px\)"):
+        next(read_ukis_csmask(tmp_path, class_map={0: 2, 4: 1}).chips)
 
 
 def test_npz_chw_layout_tiling_and_band_check(tmp_path):
@@ -364,8 +371,8 @@ def test_ingest_rejects_unknown_format_and_option(tmp_path):
 
 def test_ingest_options_from_command_line_strings(tmp_path):
     fakes.make_npz(tmp_path / "raw", size=32)
-    options = parse_options(["class_map={0: 1, 4: 2}", "band_names=[a, b, c, d, e, f]", "layout=HWC"])
-    assert options["class_map"] == {0: 1, 4: 2} and parse_option("chip=3") == ("chip", 3)
+    options = parse_options(["class_map={0: 1, 4: 2, other: 0}", "band_names=[a, b, c, d, e, f]", "layout=HWC"])
+    assert options["class_map"] == {0: 1, 4: 2, "other": 0} and parse_option("chip=3") == ("chip", 3)
     report = ingest("npz", tmp_path / "raw", tmp_path / "store", chip_size=16, progress=False, **options)
     assert report.n_chips == 4
     catalog = read_catalog(tmp_path / "store")

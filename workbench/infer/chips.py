@@ -2,7 +2,9 @@
 
 Logits of every chip of a split are written once to `<run_dir>/predictions/<split>.zarr`
 (float16, chunked per chip); calibration, evaluation and review read them from there, so a
-model runs over the data a single time per run.
+model runs over the data a single time per run. The variable `logit` has dims (chip, y, x) for a
+binary model (one logit) and (chip, class, y, x) for a softmax model of C >= 2 classes, whose
+attrs carry `num_classes`.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ def iter_chip_logits(
     device: str = "cpu",
     progress: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (store indices, logits (B, H, W)) batch by batch, with test-time augmentation."""
+    """Yield (store indices, logits) batch by batch, with test-time augmentation.
+
+    Logits are (B, H, W) for a binary model (one output channel) and (B, C, H, W) for C >= 2 classes.
+    """
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
         logits = predict_with_tta(model, batch["image"].to(device), tta)
-        yield batch["index"].numpy(), logits[:, 0].float().cpu().numpy()
+        out = logits[:, 0] if logits.shape[1] == 1 else logits
+        yield batch["index"].numpy(), out.float().cpu().numpy()
 
 
 def collect_logits(
@@ -48,7 +54,7 @@ def collect_logits(
     tta: str = "none",
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Store indices (n,) and float16 logits (n, H, W) of every chip of `dataset`."""
+    """Store indices (n,) and float16 logits (n, H, W) or (n, C, H, W) of every chip of `dataset`."""
     indices: list[np.ndarray] = []
     logits: list[np.ndarray] = []
     for batch_indices, batch_logits in iter_chip_logits(model, dataset, batch_size, tta, device):
@@ -60,15 +66,27 @@ def collect_logits(
 def save_predictions(
     run_dir: Path, name: str, indices: np.ndarray, logits: np.ndarray, attrs: dict[str, Any] | None = None
 ) -> Path:
-    """Write logits (chunked per chip) to `<run_dir>/predictions/<name>.zarr` atomically."""
+    """Write logits (chunked per chip) to `<run_dir>/predictions/<name>.zarr` atomically.
+
+    (n, H, W) logits are a binary model's; (n, C, H, W) a softmax model's (attrs `num_classes` = C).
+    """
+    values = np.asarray(logits, dtype=np.float16)
+    attrs = dict(attrs or {})
+    if values.ndim == 3:
+        dims: tuple[str, ...] = ("chip", "y", "x")
+    elif values.ndim == 4:
+        dims = ("chip", "class", "y", "x")
+        attrs["num_classes"] = int(values.shape[1])
+    else:
+        raise ValueError(f"logits must be (chip, y, x) or (chip, class, y, x), got shape {values.shape}")
     ds = xr.Dataset(
-        {"logit": (("chip", "y", "x"), np.asarray(logits, dtype=np.float16))},
+        {"logit": (dims, values)},
         coords={"chip_index": ("chip", np.asarray(indices))},
-        attrs=dict(attrs or {}),
+        attrs=attrs,
     )
     dest = RunLayout(run_dir).predictions(name)
     with atomic_directory(dest, overwrite=True) as tmp:
-        encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}
+        encoding = {"logit": {"chunks": (1, *ds["logit"].shape[1:])}}  # one chunk per chip
         ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
     return dest
 
@@ -88,7 +106,7 @@ def write_predictions(
 
 
 def load_predictions(run_dir: Path, split: str) -> xr.Dataset:
-    """Logits of one split written by `write_predictions`."""
+    """Logits of one split written by `write_predictions`: `logit` (chip, y, x) or (chip, class, y, x)."""
     path = RunLayout(run_dir).predictions(split)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run the training stage ({TRAINING.notebook}) first")

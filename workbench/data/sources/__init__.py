@@ -147,17 +147,25 @@ def scene_chips(scene: Scene, chip_size: int | None, stride: int | None, source:
 
 
 # labels -------------------------------------------------------------------------------------------
+OTHER = "other"
+"""Class-map key for every raw value the map does not name (target a class id or "ignore")."""
+
+
 def map_classes(
     raw: np.ndarray,
-    class_map: Mapping[int, int] | None,
+    class_map: Mapping[Any, int] | None,
     default: int = 0,
     ignore_values: Iterable[float] = (),
+    where: str = "",
 ) -> np.ndarray:
     """Map raw label values to class ids (uint8).
 
     With `class_map` None the raw values are kept (they must fit 0..254, or be 255 = ignore). Otherwise
-    each raw value in the map gets its target and every other value `default`. Raw values listed in
-    `ignore_values` become IGNORE_INDEX (255).
+    each raw value in the map gets its target (a class id, or 255 for "ignore"). Other values: the map's
+    `other` entry when it has one; `default` for a one-vs-rest map (every target 1: the listed values are
+    the foreground); for a multiclass map (a target >= 2 or "ignore") they are an error naming the value,
+    its pixel count and `where` (the file), since a silent background would mislabel them. Raw values
+    listed in `ignore_values` become IGNORE_INDEX (255).
     """
     raw = np.asarray(raw)
     ignore = np.zeros(raw.shape, dtype=bool)
@@ -172,9 +180,24 @@ def map_classes(
             )
         out = np.where(ignore, IGNORE_INDEX, raw).astype(np.uint8)
         return out
-    out = np.full(raw.shape, default, dtype=np.uint8)
-    for value, target in class_map.items():
-        out[raw == value] = target
+    targets = {key: target for key, target in class_map.items() if key != OTHER}
+    one_vs_rest = all(target == 1 for target in targets.values())
+    fallback = class_map.get(OTHER, default if one_vs_rest else None)
+    mapped = np.zeros(raw.shape, dtype=bool)
+    out = np.full(raw.shape, IGNORE_INDEX if fallback is None else fallback, dtype=np.uint8)
+    for value, target in targets.items():
+        hit = raw == value
+        out[hit] = target
+        mapped |= hit
+    if fallback is None:
+        unmapped = ~mapped & ~ignore
+        if unmapped.any():
+            values, counts = np.unique(raw[unmapped], return_counts=True)
+            listed = ", ".join(f"{v.item()} ({c} px)" for v, c in zip(values[:10], counts[:10], strict=True))
+            raise ValueError(
+                f"{where or 'label'}: raw label value(s) {listed} are not in the class_map "
+                f"{dict(class_map)}; map each to a class id or 'ignore', or add 'other: <class id | ignore>'"
+            )
     out[ignore] = IGNORE_INDEX
     return out
 
@@ -208,17 +231,29 @@ def _as_number(key: Any, name: str) -> int | float:
     return int(number) if number.is_integer() else number
 
 
-def as_class_map(value: Any, name: str = "class_map") -> dict[int | float, int] | None:
-    """A {raw value: class id} mapping from a dict (keys may be strings) or a YAML mapping string."""
+def as_class_map(value: Any, name: str = "class_map") -> dict[Any, int] | None:
+    """A {raw value: class id} mapping from a dict (keys may be strings) or a YAML mapping string.
+
+    A target may be "ignore" (stored as 255, no label); the key "other" maps every value not listed.
+    """
     value = _parse_text(value)
     if value is None:
         return None
     if not isinstance(value, Mapping):
         raise ValueError(f"option {name!r} must be a mapping raw value -> class id, e.g. {{4: 1}}, got {value!r}")
-    mapping = {_as_number(key, name): int(_as_number(target, name)) for key, target in value.items()}
+
+    def target_of(target: Any) -> int:
+        if isinstance(target, str) and target.strip().lower() == "ignore":
+            return IGNORE_INDEX
+        return int(_as_number(target, name))
+
+    mapping: dict[Any, int] = {
+        (OTHER if str(key).strip().lower() == OTHER else _as_number(key, name)): target_of(target)
+        for key, target in value.items()
+    }
     bad = [target for target in mapping.values() if not 0 <= target <= IGNORE_INDEX]
     if bad:
-        raise ValueError(f"option {name!r}: class ids must lie in 0..{IGNORE_INDEX}, got {bad}")
+        raise ValueError(f"option {name!r}: class ids must lie in 0..{IGNORE_INDEX} or be 'ignore', got {bad}")
     return mapping
 
 

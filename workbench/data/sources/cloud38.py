@@ -104,7 +104,7 @@ def patch_scene(patch: PatchFiles, class_map: dict[Any, int]) -> Scene:
         raw = read_raster(patch.gt, bands=1).data[0]
         if raw.shape != image.shape[1:]:
             raise SourceError(f"shape mismatch: {patch.bands[0]} is {image.shape[1:]} but {patch.gt} is {raw.shape}")
-        label = map_classes(raw, class_map)
+        label = map_classes(raw, class_map, where=str(patch.gt))
     region, year = scene_year(patch.name)
     valid = nodata_valid(image, 0.0)
     return Scene(patch.name, image, label, valid, str(patch.bands[0]), region=region, year=year, split=patch.split)

@@ -6,7 +6,9 @@ finite, or when every band equals the optional ``nodata`` value.
 
 ``read_ukis_csmask`` is the preset for ukis-csmask: ``img`` (H, W, 6) reflectance Blue, Green, Red, NIR,
 SWIR16, SWIR22 and ``msk`` (H, W, 1) with 0 = cloud shadow, 1/2/3 = clear, 4 = cloud; by default cloud
-becomes 1 and the rest 0 (``class_map={0: 1, 4: 2}`` gives shadow/cloud classes instead).
+becomes 1 and the rest 0 (binary). ``class_map`` drives the classes: ``UKIS_MULTICLASS_MAP`` (0 clear,
+1 cloud, 2 shadow; ``class_map="{1: 0, 2: 0, 3: 0, 4: 1, 0: 2}"`` on the command line) gives the three
+ukis-csmask classes; a multiclass map must name every raw value (or give ``other``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from workbench.data.store import BandSpec, Chip
 LAYOUTS = ("HWC", "CHW")
 UKIS_BANDS = ["Blue", "Green", "Red", "NIR", "SWIR16", "SWIR22"]
 UKIS_CLASS_MAP = {4: 1}
+UKIS_MULTICLASS_MAP = {1: 0, 2: 0, 3: 0, 4: 1, 0: 2}
+UKIS_MULTICLASS_NAMES = ["clear", "cloud", "shadow"]
 
 
 def npz_files(src: Path) -> list[Path]:

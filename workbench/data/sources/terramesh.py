@@ -110,7 +110,7 @@ def sample_scene(root: Path, name: str, modalities: list[str], label_modality: s
     label = (
         np.full(shape, IGNORE_INDEX, dtype=np.uint8)
         if label_raster is None
-        else map_classes(label_raster.data[0], class_map)
+        else map_classes(label_raster.data[0], class_map, where=f"{root} sample {name} ({label_modality})")
     )
     return Scene(
         name=name,
