@@ -5,11 +5,15 @@ Conventions shared by every loss here:
 * ``logits`` is ``(B, 1, H, W)`` for binary segmentation (one logit per pixel). ``dice`` and
   ``generalized_dice`` also accept ``(B, K, H, W)`` with ``K > 1`` (softmax over classes; the target
   then holds class indices as floats).
-* ``target`` is ``(B, H, W)`` float in ``[0, 1]``: hard labels as 0/1, soft labels allowed.
+* ``target`` is ``(B, H, W)`` float in ``[0, 1]``: hard labels as 0/1, soft labels allowed. For a softmax
+  model (``K >= 2`` channels) it is ``(B, H, W)`` integer class indices 0..K-1 (a float target holding
+  class indices is accepted too).
 * ``mask`` is ``(B, H, W)`` bool, True where a pixel counts (valid data and label != 255). Masked-out
   pixels never enter a loss: not in sums, not in means, not in normalisation, and they get zero gradient.
 
-`CompositeLoss` combines weighted terms described by `workbench.params.LossTerm`.
+`CompositeLoss` combines weighted terms described by `workbench.params.LossTerm`; with ``num_classes >= 2``
+the terms are the softmax losses of the section "softmax losses" (cross-entropy, smp's Dice / Tversky /
+Lovasz-softmax in multiclass mode, generalised Dice, softmax focal), optionally weighted per class.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss, TverskyLoss
 from torch import nn
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.params import LossTerm
 
 Weighting = Literal["none", "linear", "sqrt", "log"]
@@ -48,6 +54,8 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
         raise LossInputError(f"{loss}: mask must be (B, H, W) = {expected}, got shape {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
         raise LossInputError(f"{loss}: mask must be a bool tensor (True = pixel counts), got {mask.dtype}")
+    if logits.shape[1] > 1 and not target.is_floating_point() and target.dtype != torch.bool:
+        return  # class indices of a softmax model
     if not target.is_floating_point():
         raise LossInputError(f"{loss}: target must be float in [0, 1], got {target.dtype}")
 
@@ -343,6 +351,192 @@ def boundary_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (torch.sigmoid(x) * sdm).mean()
 
 
+# --------------------------------------------------------------------------- softmax losses
+
+
+def _class_target(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
+    """Long class indices (B, H, W) with every pixel outside `mask` set to IGNORE_INDEX (smp's ignore_index).
+
+    Refuses class indices outside 0..K-1 on counted pixels (a label the class map did not cover).
+    """
+    check_inputs(logits, target, mask, loss)
+    n_classes = logits.shape[1]
+    if n_classes < 2:
+        raise LossInputError(f"{loss}: expects softmax logits (B, K >= 2, H, W), got {n_classes} channel")
+    labels = target.round().long() if target.is_floating_point() else target.long()
+    counted = labels[mask]
+    if counted.numel() and (counted.min() < 0 or counted.max() >= n_classes):
+        raise LossInputError(
+            f"{loss}: class indices in target must lie in [0, {n_classes - 1}], found "
+            f"{int(counted.min())}..{int(counted.max())}"
+        )
+    return torch.where(mask, labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+def _weights_tensor(weights: Sequence[float] | None, logits: torch.Tensor) -> torch.Tensor | None:
+    return None if weights is None else torch.as_tensor(list(weights), dtype=logits.dtype, device=logits.device)
+
+
+def cross_entropy_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    class_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Softmax cross-entropy over counted pixels, as torch's `cross_entropy` with `ignore_index`.
+
+    With `class_weights` the mean is weighted (sum w_y l / sum w_y, torch's convention); `label_smoothing`
+    mixes the one-hot target with the uniform distribution.
+    """
+    labels = _class_target(logits, target, mask, "ce")
+    if not mask.any():
+        return _zero(logits)
+    return F.cross_entropy(
+        logits,
+        labels,
+        weight=_weights_tensor(class_weights, logits),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+    )
+
+
+def softmax_focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 2.0,
+    class_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Softmax focal loss -w_y (1 - p_y)^gamma log p_y, mean over counted pixels (w = 1 without weights).
+
+    smp's FocalLoss scores each class one-vs-rest through a sigmoid, which does not fit a softmax model;
+    gamma = 0 without weights is exactly the cross-entropy.
+    """
+    labels = _class_target(logits, target, mask, "focal")
+    if not mask.any():
+        return _zero(logits)
+    log_p = F.log_softmax(logits.movedim(1, -1)[mask], dim=1)  # (N, K)
+    y = labels[mask]
+    log_p_y = log_p.gather(1, y[:, None])[:, 0]
+    loss = -((1 - log_p_y.exp()).pow(gamma)) * log_p_y
+    weights = _weights_tensor(class_weights, logits)
+    if weights is not None:
+        loss = loss * weights[y]
+    return loss.mean()
+
+
+def softmax_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    smooth: float = 1.0,
+    class_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """smp's multiclass DiceLoss on counted pixels: per class 1 - (I + s) / (I + (FP + FN) / 2 + s) from
+    batch-global soft counts, classes absent from the target count 0; the class mean is weighted by
+    `class_weights`."""
+    labels = _class_target(logits, target, mask, "dice")
+    if not mask.any():
+        return _zero(logits)
+    fn = DiceLoss("multiclass", smooth=smooth, ignore_index=IGNORE_INDEX, class_weights=_as_list(class_weights))
+    result: torch.Tensor = fn(logits, labels)
+    return result
+
+
+def softmax_tversky_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float = 0.25,
+    beta: float = 0.75,
+    smooth: float = 1.0,
+    class_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """smp's multiclass TverskyLoss (alpha weights false positives, beta false negatives, as for binary)."""
+    labels = _class_target(logits, target, mask, "tversky")
+    if not mask.any():
+        return _zero(logits)
+    fn = TverskyLoss(
+        "multiclass",
+        smooth=smooth,
+        ignore_index=IGNORE_INDEX,
+        alpha=alpha,
+        beta=beta,
+        gamma=1.0,
+        class_weights=_as_list(class_weights),
+    )
+    result: torch.Tensor = fn(logits, labels)
+    return result
+
+
+def lovasz_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Lovasz-softmax (Berman et al. 2018) over the counted pixels of the batch, classes present only (smp)."""
+    labels = _class_target(logits, target, mask, "lovasz")
+    if not mask.any():
+        return _zero(logits)
+    # smp builds the Lovasz gradient in float32, so the probabilities must be float32 too
+    result: torch.Tensor = LovaszLoss("multiclass", per_image=False, ignore_index=IGNORE_INDEX)(logits.float(), labels)
+    return result.to(logits.dtype)
+
+
+def _as_list(weights: Sequence[float] | None) -> list[float] | None:
+    return None if weights is None else [float(w) for w in weights]
+
+
+def frequency_class_weights(pixel_counts: Sequence[float], cap: float) -> list[float]:
+    """Inverse-frequency class weights min(cap, N / (K n_c)): 1 for every class of a balanced split.
+
+    A class without a pixel gets `cap` (it cannot be estimated; the cap bounds what it can do).
+    """
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) < 2 or (counts < 0).any():
+        raise ValueError(f"pixel counts must be >= 0, one per class (>= 2 classes), got {list(pixel_counts)}")
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("cannot compute class weights: the train split has no labelled pixel")
+    with np.errstate(divide="ignore"):
+        weights = np.where(counts > 0, total / (len(counts) * counts), np.inf)
+    return [float(w) for w in np.minimum(weights, cap)]
+
+
+def resolve_class_weights(term: LossTerm, class_pixel_counts: Sequence[float] | None) -> list[float] | None:
+    """A term's class weights: the given list, 'frequency' from the train split's class pixel counts, or None."""
+    if term.class_weights is None or isinstance(term.class_weights, list):
+        return term.class_weights
+    if class_pixel_counts is None:
+        raise ValueError(
+            f"loss term {term.name!r} has class_weights='frequency' but no class pixel counts of the train "
+            "split were given; pass class_pixel_counts to build_loss"
+        )
+    return frequency_class_weights(class_pixel_counts, term.class_weight_max)
+
+
+def _softmax_term_function(term: LossTerm, class_pixel_counts: Sequence[float] | None) -> LossFn:
+    """Bind a LossTerm's options to its softmax loss function."""
+    w = resolve_class_weights(term, class_pixel_counts)
+    if term.name == "ce":
+        return lambda lo, ta, ma: cross_entropy_loss(lo, ta, ma, w, term.label_smoothing)
+    if term.name == "dice":
+        return lambda lo, ta, ma: softmax_dice_loss(lo, ta, ma, smooth=term.smooth, class_weights=w)
+    if term.name == "generalized_dice":
+        if w is not None:
+            raise ValueError("generalized_dice weights classes by 1 / volume^2 itself; drop its class_weights")
+        return generalized_dice_loss
+    if term.name == "focal":
+        return lambda lo, ta, ma: softmax_focal_loss(lo, ta, ma, gamma=term.gamma, class_weights=w)
+    if term.name == "tversky":
+        return lambda lo, ta, ma: softmax_tversky_loss(lo, ta, ma, term.alpha, term.beta, term.smooth, w)
+    if term.name == "lovasz":
+        if w is not None:
+            raise ValueError("lovasz takes no class_weights; drop them")
+        return lovasz_softmax_loss
+    raise ValueError(
+        f"loss term {term.name!r} is for binary models (one logit); a softmax model uses "
+        "ce, dice, generalized_dice, focal, tversky or lovasz"
+    )
+
+
 # --------------------------------------------------------------------------- composite
 
 
@@ -426,14 +620,24 @@ class CompositeLoss(nn.Module):
     pixel gives a zero total that keeps the graph (so DDP and the optimiser see every parameter).
     """
 
-    def __init__(self, terms: Sequence[LossTerm], data_pos_weight: float | None = None) -> None:
+    def __init__(
+        self,
+        terms: Sequence[LossTerm],
+        data_pos_weight: float | None = None,
+        num_classes: int = 1,
+        class_pixel_counts: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         if not terms:
             raise ValueError("train.loss must list at least one loss term, e.g. [{name: bce}, {name: dice}]")
         self.terms = list(terms)
         self.names = _unique_names(self.terms)
         self.data_pos_weight = data_pos_weight
-        self._functions = [_term_function(term, data_pos_weight) for term in self.terms]
+        self.num_classes = int(num_classes)
+        if self.num_classes >= 2:
+            self._functions = [_softmax_term_function(term, class_pixel_counts) for term in self.terms]
+        else:
+            self._functions = [_term_function(term, data_pos_weight) for term in self.terms]
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
@@ -455,10 +659,19 @@ class CompositeLoss(nn.Module):
         return " + ".join(f"{term.weight:g}*{name}" for term, name in zip(self.terms, self.names))
 
 
-def build_loss(terms: Sequence[LossTerm], data_pos_weight: float | None = None) -> CompositeLoss:
+def build_loss(
+    terms: Sequence[LossTerm],
+    data_pos_weight: float | None = None,
+    num_classes: int = 1,
+    class_pixel_counts: Sequence[float] | None = None,
+) -> CompositeLoss:
     """The training loss described by `train.loss`.
 
     `data_pos_weight` is the train split's raw negative/positive pixel ratio (n_neg / n_pos, not capped
     and not weighted); terms with pos_weight='data' apply their own class_weighting and pos_weight_max.
+    `num_classes` >= 2 selects the softmax losses; `class_pixel_counts` (train-split pixels per class)
+    feed class_weights='frequency'.
     """
-    return CompositeLoss(terms, data_pos_weight=data_pos_weight)
+    return CompositeLoss(
+        terms, data_pos_weight=data_pos_weight, num_classes=num_classes, class_pixel_counts=class_pixel_counts
+    )
