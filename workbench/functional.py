@@ -186,9 +186,32 @@ def _binary_counts(
     return tp[:, None], fp[:, None], fn[:, None], tn[:, None]
 
 
-def _multiclass_counts(
-    pred: np.ndarray, target: np.ndarray, usable: np.ndarray, num_classes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def confusion_matrix(
+    pred: Any,
+    target: Any,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+    valid: Any = None,
+    per_image: bool = False,
+) -> np.ndarray:
+    """Confusion matrix counts [label class, predicted class] over valid pixels whose target is not ignored.
+
+    Shape (C, C), or (B, C, C) with `per_image`; int64. Rows are the labels (as scikit-learn's
+    `confusion_matrix`), so row sums are each class's labelled pixels and column sums its predicted ones.
+    `confusion_counts` derives tp / fp / fn / tn from the same matrix.
+    """
+    pred_arr = as_batch(pred, "pred")
+    target_arr = label_batch(target, num_classes, ignore_index)
+    if pred_arr.shape != target_arr.shape:
+        raise MetricInputError(f"pred has shape {pred_arr.shape} but label has shape {target_arr.shape}")
+    if not np.issubdtype(pred_arr.dtype, np.integer) and pred_arr.dtype != bool:
+        raise MetricInputError(f"pred must hold integer class ids; got dtype {pred_arr.dtype} (argmax first)")
+    usable = valid_or_all(valid, target_arr.shape) & (target_arr != ignore_index)
+    confmat = _confusion(pred_arr, target_arr, usable, num_classes)
+    return confmat if per_image else confmat.sum(axis=0)
+
+
+def _confusion(pred: np.ndarray, target: np.ndarray, usable: np.ndarray, num_classes: int) -> np.ndarray:
     if num_classes < 2:
         raise MetricInputError(f"num_classes must be >= 2 (binary = 2, or None for a mask), got {num_classes}")
     pred_used = pred[usable].astype(np.int64)
@@ -198,13 +221,50 @@ def _multiclass_counts(
     batch = target.shape[0]
     image_index = np.broadcast_to(np.arange(batch)[:, None, None], target.shape)[usable]
     cells = (image_index * num_classes + target[usable].astype(np.int64)) * num_classes + pred_used
-    confmat = np.bincount(cells, minlength=batch * num_classes * num_classes).reshape(batch, num_classes, num_classes)
-    tp = np.einsum("bii->bi", confmat).copy()
-    fp = confmat.sum(axis=1) - tp  # predicted as the class, labelled otherwise
-    fn = confmat.sum(axis=2) - tp  # labelled as the class, predicted otherwise
-    total = confmat.sum(axis=(1, 2))[:, None]
-    tn = total - tp - fp - fn
+    return np.bincount(cells, minlength=batch * num_classes * num_classes).reshape(batch, num_classes, num_classes)
+
+
+def counts_from_confusion(confmat: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """tp, fp, fn, tn per class from a (C, C) or (B, C, C) confusion matrix [label, prediction]."""
+    cm = np.asarray(confmat, dtype=np.int64)
+    tp = np.einsum("...ii->...i", cm).copy()
+    fp = cm.sum(axis=-2) - tp  # predicted as the class, labelled otherwise
+    fn = cm.sum(axis=-1) - tp  # labelled as the class, predicted otherwise
+    tn = cm.sum(axis=(-2, -1))[..., None] - tp - fp - fn
     return tp, fp, fn, tn
+
+
+def multiclass_summary(confmat: ArrayLike, class_names: Sequence[str]) -> dict[str, Any]:
+    """Metrics of a softmax model from one pooled (C, C) confusion matrix [label, prediction].
+
+    Keys: ``miou`` (mean IoU over classes where it is defined), ``miou_no_background`` (classes 1..C-1),
+    ``overall_accuracy``, and per class ``iou.<name>``, ``f1.<name>``, ``precision.<name>``,
+    ``recall.<name>``. A class absent from both label and prediction has every metric NaN (0/0, not 0
+    or 1) and is listed in ``absent_classes``; the means leave it out.
+    """
+    cm = np.asarray(confmat, dtype=np.int64)
+    names = list(class_names)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(names):
+        raise MetricInputError(f"confusion matrix of shape {cm.shape} does not match {len(names)} class names")
+    tp, fp, fn, tn = counts_from_confusion(cm)
+    out: dict[str, Any] = {}
+    per_class = {m: score(m, tp, fp, fn, tn) for m in ("iou", "f1", "precision", "recall")}  # type: ignore[arg-type]
+    absent = [name for name, t, p in zip(names, cm.sum(axis=1), cm.sum(axis=0), strict=True) if t == 0 and p == 0]
+    for i, name in enumerate(names):
+        for metric, values in per_class.items():
+            out[f"{metric}.{name}"] = float("nan") if name in absent else float(values[i])
+    iou = np.array([out[f"iou.{name}"] for name in names])
+    out["miou"] = float(nanmean(iou))
+    out["miou_no_background"] = float(nanmean(iou[1:]))
+    out["overall_accuracy"] = float(safe_divide(np.trace(cm), cm.sum()))
+    out["absent_classes"] = absent
+    return out
+
+
+def _multiclass_counts(
+    pred: np.ndarray, target: np.ndarray, usable: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return counts_from_confusion(_confusion(pred, target, usable, num_classes))
 
 
 # --------------------------------------------------------------------------- metrics from counts

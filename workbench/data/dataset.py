@@ -154,9 +154,25 @@ class ChipDataset(Dataset[Sample]):
         return sample
 
 
-def target_from_label(label: torch.Tensor) -> torch.Tensor:
-    """Binary float target (1 for any foreground class, 0 for background and ignored pixels)."""
-    return ((label > 0) & (label != IGNORE_INDEX)).float()
+def target_from_label(label: torch.Tensor, num_classes: int = 1) -> torch.Tensor:
+    """The loss target of a label.
+
+    Binary (`num_classes` 1): float, 1 for any foreground class, 0 for background and ignored pixels.
+    Softmax (`num_classes` >= 2): long class ids, ignored pixels 0 (they are masked out of the loss by
+    `loss_mask`); a class id >= num_classes is an error naming the value and its pixel count.
+    """
+    if num_classes < 2:
+        return ((label > 0) & (label != IGNORE_INDEX)).float()
+    labelled = label != IGNORE_INDEX
+    bad = labelled & ((label < 0) | (label >= num_classes))
+    if bool(bad.any()):
+        values, counts = torch.unique(label[bad], return_counts=True)
+        listed = ", ".join(f"{int(v)} ({int(c)} px)" for v, c in zip(values, counts, strict=True))
+        raise ValueError(
+            f"label value(s) {listed} are not classes of a model with num_classes={num_classes}; re-ingest "
+            f"with a class_map onto 0..{num_classes - 1} (or 'ignore'), or raise model.num_classes"
+        )
+    return torch.where(labelled, label, torch.zeros_like(label)).long()
 
 
 def loss_mask(batch: Sample) -> torch.Tensor:

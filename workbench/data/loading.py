@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.augment import Augmenter, BatchAugmenter
 from workbench.data.dataset import ChipDataModule, Sample
 from workbench.data.normalize import NormalizationStats
@@ -195,6 +196,30 @@ def data_pos_weight(params: Params, prepared: PreparedData) -> float | None:
     n_pos = float((train["positive_fraction"].to_numpy() * valid).sum())
     n_valid = float(valid.sum())
     return (n_valid - n_pos) / n_pos if n_pos > 0 else float("inf")
+
+
+def class_pixel_counts(params: Params, datamodule: ChipDataModule, batch: int = 64) -> list[float] | None:
+    """Labelled valid pixels per class in the train split (softmax models with class_weights='frequency').
+
+    Reads the train labels once in batches (review-ledger corrections applied); a label value outside
+    0..num_classes-1 (other than 255) stops with the value, its pixel count and the store.
+    """
+    n_classes = params.model.num_classes
+    if n_classes < 2 or not any(term.class_weights == "frequency" for term in params.train.loss):
+        return None
+    dataset = datamodule.dataset("train")
+    counts = np.zeros(IGNORE_INDEX + 1, dtype=np.int64)
+    for start in range(0, len(dataset), batch):
+        _, label, valid = dataset.read_raw_batch(np.arange(start, min(start + batch, len(dataset))))
+        counts += np.bincount(label[valid].ravel().astype(np.int64), minlength=IGNORE_INDEX + 1)[: IGNORE_INDEX + 1]
+    bad = [(value, int(counts[value])) for value in range(n_classes, IGNORE_INDEX) if counts[value]]
+    if bad:
+        listed = ", ".join(f"{value} ({count} px)" for value, count in bad[:10])
+        raise ValueError(
+            f"train labels of store {dataset.store} hold value(s) {listed} outside the classes 0..{n_classes - 1} "
+            f"of model.num_classes={n_classes}; re-ingest with a class_map (or 'ignore'), or raise num_classes"
+        )
+    return [float(c) for c in counts[:n_classes]]
 
 
 def build_datamodule(params: Params, prepared: PreparedData) -> ResumableChipDataModule:

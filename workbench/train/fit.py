@@ -28,7 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from workbench.data.loading import build_datamodule, data_pos_weight
+from workbench.data.loading import build_datamodule, class_pixel_counts, data_pos_weight
 from workbench.data.normalize import NormalizationStats, compute_stats
 from workbench.data.prepare import PreparedData
 from workbench.data.sampling import build_sampler
@@ -341,6 +341,7 @@ def build_task(params: Params, prepared: PreparedData, datamodule: Any, run_dir:
         prevalences=list(params.evaluate.prevalences),
         positive_threshold=params.data.sampler.positive_threshold,
         normalization=normalization_record(prepared.stats_path),
+        class_pixel_counts=class_pixel_counts(params, datamodule),
     )
     task.chip_ids = prepared.catalog["chip_id"].astype(str).to_numpy()
     if params.train.compile:

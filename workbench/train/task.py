@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.data.dataset import Sample, loss_mask
+from workbench.data.dataset import Sample, loss_mask, target_from_label
 from workbench.data.sampling import positive_chips
 from workbench.evaluate.metrics import PrevalenceEvaluator, ThresholdHistogram, per_chip_histograms
-from workbench.functional import metrics_from_counts
+from workbench.functional import metrics_from_counts, multiclass_summary
 from workbench.io import write_json_atomic
 from workbench.models.factory import build_model
-from workbench.params import ModelParams, TrainParams
+from workbench.params import ModelParams, TrainParams, resolve_classes
 from workbench.train.losses import build_loss
 from workbench.train.optim import build_param_groups, build_scheduler, describe_param_groups
 
@@ -63,8 +63,42 @@ class PixelCounts(nn.Module):
         return metrics_from_counts(tp, fp, fn, tn, metrics=("iou", "f1", "precision", "recall"))
 
 
+class ClassCounts(nn.Module):
+    """Pooled (C, C) confusion counts [label, argmax prediction] over valid pixels of a softmax model."""
+
+    counts: torch.Tensor
+
+    def __init__(self, class_names: list[str]) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        n = len(self.class_names)
+        self.register_buffer("counts", torch.zeros(n, n, dtype=torch.float64))
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+        n = len(self.class_names)
+        pred = logits.argmax(dim=1)[mask]
+        truth = target[mask].long()
+        cells = torch.bincount(truth * n + pred, minlength=n * n)
+        self.counts += cells.reshape(n, n).double()
+
+    def compute(self) -> dict[str, float]:
+        """mIoU (also under `iou`, so `val/iou` monitors work unchanged), mIoU without background,
+        overall accuracy and per-class IoU / F1 (NaN for a class absent from label and prediction)."""
+        summary = multiclass_summary(self.counts.cpu().numpy().round().astype(np.int64), self.class_names)
+        out = {key: float(value) for key, value in summary.items() if key != "absent_classes"}
+        out = {k: v for k, v in out.items() if not k.startswith(("precision.", "recall."))}
+        out["iou"] = out["miou"]
+        return out
+
+
 class SegmentationTask(L.LightningModule):
-    """Binary semantic segmentation with a composite loss on valid pixels.
+    """Semantic segmentation with a composite loss on valid pixels: binary (one logit, sigmoid) or, with
+    `model.num_classes` >= 2, softmax over classes (targets are the label's class ids; validation logs
+    `val/miou` (= `val/iou`), `val/miou_no_background`, `val/overall_accuracy` and `val/iou.<class>`).
 
     Validation also logs the PR-AUC of the pooled validation pixels (`val/pr_auc`) and at chip
     prevalences 1:r (`val/pr_auc_<r>` for r in 1 and `prevalences`), from per-chip probability
@@ -86,6 +120,7 @@ class SegmentationTask(L.LightningModule):
         prevalences: list[int] | None = None,
         positive_threshold: float = 0.0,
         normalization: dict[str, Any] | None = None,
+        class_pixel_counts: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -111,11 +146,28 @@ class SegmentationTask(L.LightningModule):
     def configure_losses(self) -> None:
         """Build the weighted loss terms."""
 
-        self.criterion = build_loss(self.train_cfg.loss, data_pos_weight=self.hparams["data_pos_weight"])
+        self.criterion = build_loss(
+            self.train_cfg.loss,
+            data_pos_weight=self.hparams["data_pos_weight"],
+            num_classes=self.model_cfg.num_classes,
+            class_pixel_counts=self.hparams.get("class_pixel_counts"),
+        )
+
+    @property
+    def multiclass(self) -> bool:
+        """Whether the model is a softmax model (num_classes >= 2)."""
+        return self.model_cfg.num_classes >= 2
 
     def configure_metrics(self) -> None:
-        """One pixel counter per stage (pooled IoU, F1, precision, recall at 0.5)."""
-        self.stage_counts = nn.ModuleDict({f"{stage}_pixels": PixelCounts() for stage in ("train", "val", "test")})
+        """One pixel counter per stage (binary: pooled IoU, F1, precision, recall at 0.5; softmax: a confusion
+        matrix)."""
+        names = [spec.name for spec in resolve_classes(self.model_cfg)]
+        self.stage_counts = nn.ModuleDict(
+            {
+                f"{stage}_pixels": ClassCounts(names) if self.multiclass else PixelCounts()
+                for stage in ("train", "val", "test")
+            }
+        )
 
     # forward / steps ----------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -126,7 +178,11 @@ class SegmentationTask(L.LightningModule):
         """Loss of one batch (logged) and the logits; a non-finite loss saves the batch's chips and stops."""
         logits = self(batch["image"])
         mask = loss_mask(batch)
-        loss, parts = self.criterion(logits.float(), batch["target"].float(), mask)
+        if self.multiclass:
+            target = target_from_label(batch["label"], self.model_cfg.num_classes)
+        else:
+            target = batch["target"].float()
+        loss, parts = self.criterion(logits.float(), target, mask)
         finite = bool(torch.isfinite(loss.detach()))
         if not self._finite_on_every_rank(finite):
             saved = self._save_failure(batch, stage, float(loss.detach()))
@@ -141,8 +197,8 @@ class SegmentationTask(L.LightningModule):
                 f"{where} (lower the learning rate, use bf16 instead of fp16, or check those chips for bad values)"
             )
         counter = self.stage_counts[f"{stage}_pixels"]
-        assert isinstance(counter, PixelCounts)
-        counter.update(logits, batch["target"], mask)
+        assert isinstance(counter, PixelCounts | ClassCounts)
+        counter.update(logits, target if self.multiclass else batch["target"], mask)
         batch_size = batch["image"].shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size, sync_dist=stage != "train")
         for name, value in parts.items():
@@ -199,7 +255,9 @@ class SegmentationTask(L.LightningModule):
 
     # ranking metrics ------------------------------------------------------------
     def _collect_histograms(self, logits: torch.Tensor, batch: Sample) -> None:
-        """Per-chip probability histograms of positive and negative pixels (valid and labelled only)."""
+        """Per-chip probability histograms of positive and negative pixels (valid and labelled only; binary)."""
+        if self.multiclass:
+            return
 
         prob = torch.sigmoid(logits[:, 0].detach().float()).cpu().numpy()
         pos, neg = per_chip_histograms(prob, batch["label"].cpu().numpy(), batch["valid"].cpu().numpy(), PR_BINS)
@@ -250,16 +308,17 @@ class SegmentationTask(L.LightningModule):
 
     def _log_epoch_metrics(self, stage: str) -> None:
         counter = self.stage_counts[f"{stage}_pixels"]
-        assert isinstance(counter, PixelCounts)
+        assert isinstance(counter, PixelCounts | ClassCounts)
         if self.trainer.world_size > 1:
             gathered = self.all_gather(counter.counts)
             assert isinstance(gathered, torch.Tensor)
-            counter.counts = gathered.reshape(-1, 4).sum(0)
+            counter.counts = gathered.reshape(-1, *counter.counts.shape).sum(0)
         # every rank holds the same gathered counts, so every rank logs them (callbacks such as
         # ModelCheckpoint and early stopping read the metric on all ranks); averaging equal values is exact
         for name, value in counter.compute().items():
             if not math.isnan(value):
-                self.log(f"{stage}/{name}", value, prog_bar=name == "iou" and stage != "train", sync_dist=True)
+                prog_bar = name == ("miou" if self.multiclass else "iou") and stage != "train"
+                self.log(f"{stage}/{name}", value, prog_bar=prog_bar, sync_dist=True)
         counter.reset()
 
     def on_train_epoch_start(self) -> None:
