@@ -228,6 +228,16 @@ class RunLayout:
         """data/ledger.json: which review ledger (path, line count, sha256) the run's stages applied."""
         return self.data / "ledger.json"
 
+    def confusion(self, split: str, by: str | None = None) -> Path:
+        """`diagnostics/confusion_<split>.csv` (counts [label, prediction] of a softmax model), or with `by`
+        (region, year) `confusion_<split>_<by>.csv`: one confusion matrix per group, long format."""
+        return self.diagnostic(f"confusion_{split}.csv" if by is None else f"confusion_{split}_{by}.csv")
+
+    def class_metrics(self, split: str) -> Path:
+        """`diagnostics/class_metrics_<split>.csv`: per-class IoU / F1 / precision / recall of a softmax model,
+        pooled and per region and year."""
+        return self.diagnostic(f"class_metrics_{split}.csv")
+
     def per_chip(self, split: str) -> Path:
         """`diagnostics/per_chip_<split>.parquet`: per-chip scores of a predicted split at the default threshold."""
         return self.diagnostic(f"per_chip_{split}.parquet")

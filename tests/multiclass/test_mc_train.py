@@ -97,3 +97,25 @@ def test_softmax_training_logs_class_metrics_and_selects_by_miou(mc_store: Path,
     assert weights.class_weights == "frequency"
     logits = result.task(torch.zeros(1, 6, 32, 32))
     assert logits.shape == (1, 3, 32, 32)
+
+
+def test_class_count_mismatch_with_checkpoint_and_bundle_names_both_and_the_file(
+    mc_store: Path, tmp_path: Path, one_thread
+):
+    from workbench.models.bundle import load_bundle
+    from workbench.run import RunLayout
+    from workbench.train.fit import CheckpointMismatch
+
+    params = mc_params(mc_store, "train.max_epochs=1")
+    run = tmp_path / "run"
+    prepared = prepare_data(params.data, run, seed=params.seed)
+    fit.train_model(params, prepared, run, resume=False)
+    bundle = load_bundle(RunLayout(run).model, num_classes=3)
+    assert bundle.num_classes == 3 and [c.name for c in bundle.model_params.classes] == UKIS_MULTICLASS_NAMES
+    with pytest.raises(ValueError, match=r"model\.pt holds a model with num_classes=3 but model\.num_classes=1"):
+        load_bundle(RunLayout(run).model, num_classes=1)
+    four = mc_params(mc_store, "model.num_classes=4", "model.classes=null")
+    with pytest.raises(
+        CheckpointMismatch, match=r"last\.ckpt holds a model with num_classes=3 but model\.num_classes=4"
+    ):
+        fit.train_model(four, prepared, run, resume=True)

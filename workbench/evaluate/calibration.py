@@ -26,7 +26,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 
-from workbench.arrays import IGNORE_INDEX, sigmoid
+from workbench.arrays import IGNORE_INDEX, sigmoid, softmax
 from workbench.evaluate.metrics import ThresholdHistogram
 from workbench.functional import as_numpy
 from workbench.io import read_json, write_json_atomic
@@ -304,3 +304,121 @@ class Calibration:
             return cls(**data)
         except (TypeError, CalibrationError) as exc:
             raise CalibrationError(f"{target}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- softmax models
+
+
+def _temperatures(calibration: Mapping[str, Any] | None, n_classes: int) -> np.ndarray:
+    """The temperature(s) of a calibration as a (C,) vector (a single T repeated; 1 without calibration)."""
+    value = 1.0 if calibration is None else calibration.get("temperature", 1.0)
+    temps = np.asarray(value, dtype=np.float64).reshape(-1)
+    if temps.size == 1:
+        temps = np.repeat(temps, n_classes)
+    if temps.size != n_classes or (temps <= 0).any():
+        raise CalibrationError(f"temperature {value!r} does not fit {n_classes} classes (one T > 0, or one per class)")
+    return temps
+
+
+def class_probabilities(logits: Any, calibration: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Calibrated softmax probabilities of (C, H, W) or (N, C, H, W) logits: softmax(logit_c / T_c).
+
+    `calibration` is a softmax model's `calibration.json` content (`temperature` a number or a per-class
+    list); None = temperature 1. The one place probabilities of a softmax model are made.
+    """
+    arr = as_numpy(logits, "logits").astype(np.float64)
+    if arr.ndim not in (3, 4):
+        raise CalibrationError(f"logits must be (C, H, W) or (N, C, H, W), got shape {arr.shape}")
+    axis = arr.ndim - 3
+    temps = _temperatures(calibration, arr.shape[axis])
+    shape = [1] * arr.ndim
+    shape[axis] = -1
+    return softmax(arr / temps.reshape(shape), axis=axis)
+
+
+def predict_classes(logits: Any, calibration: Mapping[str, Any] | None = None, class_names: Any = None) -> np.ndarray:
+    """The decided class map (H, W) or (N, H, W), uint8: argmax of the calibrated probabilities.
+
+    With `class_thresholds` {class name: t} in the calibration (a class of interest; `class_names` needed
+    to find its index) a pixel whose probability of that class reaches t takes it, before the argmax
+    of the rest decides the other pixels.
+    """
+    prob = class_probabilities(logits, calibration)
+    axis = prob.ndim - 3
+    decided = np.argmax(prob, axis=axis).astype(np.uint8)
+    thresholds = dict((calibration or {}).get("class_thresholds") or {})
+    if thresholds:
+        names = list(class_names or [])
+        for name, threshold in thresholds.items():
+            if name not in names:
+                raise CalibrationError(f"class_thresholds names {name!r}, not one of the classes {names}")
+            c = names.index(name)
+            decided[np.take(prob, c, axis=axis) >= float(threshold)] = c
+    return decided
+
+
+def _softmax_nll(logits: np.ndarray, labels: np.ndarray, temps: np.ndarray) -> float:
+    scaled = logits / temps[None, :]
+    scaled = scaled - scaled.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(scaled).sum(axis=1))
+    return float((log_z - scaled[np.arange(len(labels)), labels]).mean())
+
+
+def fit_class_temperature(logits: Any, labels: Any, valid: Any = None, per_class: bool = False) -> float | list[float]:
+    """Temperature scaling of a softmax model: the T (or per-class vector T_c) minimising the NLL of
+    softmax(logit / T) on labelled valid pixels.
+
+    `logits` (N, C, H, W) or pixels (P, C); `labels` class ids with 255 ignored. One T is found by a bounded
+    scalar search on log T; the per-class vector by L-BFGS on log T_c starting from that T.
+    """
+    arr = as_numpy(logits, "logits").astype(np.float64)
+    lab = as_numpy(labels, "label").astype(np.int64)
+    if arr.ndim == 4:
+        pixels = np.moveaxis(arr, 1, -1).reshape(-1, arr.shape[1])
+        lab = lab.reshape(-1)
+        keep = lab != IGNORE_INDEX
+        if valid is not None:
+            keep &= as_numpy(valid, "valid").astype(bool).reshape(-1)
+    else:
+        pixels, keep = arr, lab != IGNORE_INDEX
+    pixels, lab = pixels[keep], lab[keep]
+    if lab.size == 0:
+        raise CalibrationError("no labelled valid pixel to fit a temperature on")
+    n_classes = pixels.shape[1]
+    if lab.max() >= n_classes:
+        raise CalibrationError(f"label value {int(lab.max())} is not a class of a {n_classes}-class model")
+    result = minimize_scalar(
+        lambda log_t: _softmax_nll(pixels, lab, np.full(n_classes, math.exp(log_t))),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+    )
+    single = float(math.exp(result.x))
+    if not per_class:
+        return single
+    from scipy.optimize import minimize
+
+    start = np.full(n_classes, math.log(single))
+    fitted = minimize(
+        lambda log_t: _softmax_nll(pixels, lab, np.exp(np.clip(log_t, *_LOG_T_BOUNDS))), start, method="L-BFGS-B"
+    )
+    return [float(t) for t in np.exp(np.clip(fitted.x, *_LOG_T_BOUNDS))]
+
+
+def multiclass_ece(
+    prob: Any, labels: Any, bins: int = 15, kind: Literal["top_label", "classwise"] = "top_label"
+) -> float:
+    """Expected calibration error of a softmax model over labelled pixels (equal-width bins, L1).
+
+    top_label: confidence max_c p_c against whether the argmax is right; classwise: the mean over classes
+    of the ECE of p_c against 1{y = c} (Kull et al. 2019). `prob` (N, C, H, W) or pixels (P, C).
+    """
+    arr = as_numpy(prob, "prob").astype(np.float64)
+    lab = as_numpy(labels, "label").astype(np.int64).reshape(-1)
+    pixels = np.moveaxis(arr, 1, -1).reshape(-1, arr.shape[1]) if arr.ndim == 4 else arr
+    keep = lab != IGNORE_INDEX
+    pixels, lab = pixels[keep], lab[keep]
+    if kind == "top_label":
+        confidence = pixels.max(axis=1)
+        correct = (pixels.argmax(axis=1) == lab).astype(np.float64)
+        return ece(confidence, correct, bins)
+    return float(np.mean([ece(pixels[:, c], (lab == c).astype(np.float64), bins) for c in range(pixels.shape[1])]))

@@ -320,7 +320,10 @@ def _load_payload(path: Path) -> dict[str, Any]:
 
 
 def load_bundle(
-    model_dir: str | Path, build_model: BuildModel | None = None, require_calibration: bool = False
+    model_dir: str | Path,
+    build_model: BuildModel | None = None,
+    require_calibration: bool = False,
+    num_classes: int | None = None,
 ) -> ModelBundle:
     """Read a model dir: rebuild the model (eval mode), its bands, normalisation and calibration.
 
@@ -342,6 +345,12 @@ def load_bundle(
     )
     payload = _load_payload(model_path)
     params = ModelParams.model_validate(payload["model_params"])
+    if num_classes is not None and params.num_classes != num_classes:
+        raise ValueError(
+            f"{model_path} holds a model with num_classes={params.num_classes} but model.num_classes={num_classes} "
+            f"is asked for; use a bundle trained with {num_classes} classes or set model.num_classes="
+            f"{params.num_classes}"
+        )
     bands = [str(band) for band in payload["bands"]]
     try:
         normalization = NormalizationStats.load(stats_path).select(bands)

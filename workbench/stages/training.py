@@ -15,7 +15,7 @@ from workbench.evaluate.chips import iter_split_chips, label_corrected_table, pe
 from workbench.figures import pick_gallery_chips, prediction_gallery, training_curves
 from workbench.infer.chips import load_predictions, write_predictions
 from workbench.io import write_parquet_atomic, write_text_atomic
-from workbench.params import Params
+from workbench.params import Params, resolve_classes
 from workbench.run import FINAL_WEIGHTS_TABLE, TRAINING, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
 from workbench.train.card import model_card, sampler_composition, split_summary
@@ -53,6 +53,40 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
         raw = pooled_metrics(table.assign(**{c: table[f"{c}_raw"] for c in ("tp", "fp", "fn", "tn")}))
         return table, {**pooled, "iou_raw": raw["iou"], "n_dropped": int(table["dropped"].sum())}
     return table, pooled_metrics(table)
+
+
+def evaluate_multiclass_split(
+    params: Params, run_dir: Path, split: str, calibration: dict[str, Any] | None = None
+) -> tuple[pd.DataFrame, dict[str, Any], dict[str, pd.DataFrame]]:
+    """Per-chip table, pooled metrics and confusion / class tables of a softmax model's predicted split.
+
+    Writes `per_chip_<split>.parquet`, `confusion_<split>.csv` (counts and row-normalised),
+    `confusion_<split>_region.csv`, `confusion_<split>_year.csv` and `class_metrics_<split>.csv`.
+    """
+    from workbench.evaluate.multiclass import chip_confusions, split_scores
+
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
+    names = [spec.name for spec in resolve_classes(params.model)]
+    table, matrices = chip_confusions(
+        prepared.store,
+        prepared.catalog,
+        load_predictions(run_dir, split),
+        names,
+        calibration,
+        bands=prepared.bands,
+        corrections=prepared.corrections if prepared.ledger is not None else None,
+    )
+    metrics, tables = split_scores(table, matrices, names)
+    layout = RunLayout(run_dir)
+    write_parquet_atomic(layout.per_chip(split), table)
+    write_text_atomic(layout.confusion(split), tables["confusion"].to_csv(index=False))
+    for group in ("region", "year"):
+        if f"confusion_{group}" in tables:
+            write_text_atomic(layout.confusion(split, group), tables[f"confusion_{group}"].to_csv(index=False))
+    write_text_atomic(layout.class_metrics(split), tables["class_metrics"].to_csv(index=False))
+    metrics["absent_classes"] = ",".join(metrics["absent_classes"])
+    metrics["n_chips"] = len(table)
+    return table, metrics, tables
 
 
 def prediction_splits(params: Params) -> list[str]:
@@ -102,10 +136,15 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
         write_predictions(run_dir, split, model, dataset, params.data.batch_size, tta=params.evaluate.tta)
     metrics = dict(trained.metrics)
 
+    multiclass = params.model.num_classes >= 2
     if use_out_of_fold(params, prepared.catalog):
         metrics.update(out_of_fold_predictions(params, prepared, run_dir, "train"))
     for split in ("val", "test"):
-        table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
+        if multiclass:  # argmax of the uncalibrated softmax; the calibration stage re-scores calibrated
+            table, pooled, tables = evaluate_multiclass_split(params, run_dir, split)
+            result.tables.update({f"{name}_{split}": frame for name, frame in tables.items()})
+        else:
+            table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
         result.tables[f"per_chip_{split}"] = table
         metrics.update({f"{split}.{key}": value for key, value in pooled.items()})
     curves = RunLayout(run_dir).training_log
@@ -113,7 +152,7 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
     if curves.is_file():
         save_stage_figure(training_curves(curves), run_dir, "training_curves", result)
         warnings += [("overfitting", text) for text in divergence_warnings(curves)]
-    gallery = validation_gallery(params, run_dir, result.tables["per_chip_val"])
+    gallery = None if multiclass else validation_gallery(params, run_dir, result.tables["per_chip_val"])
     if gallery is not None:
         save_stage_figure(gallery, run_dir, "val_predictions", result)
     result.tables["warnings"] = pd.DataFrame(warnings, columns=["kind", "warning"])

@@ -249,6 +249,18 @@ def normalization_record(stats_path: Path) -> dict[str, Any]:
     }
 
 
+def check_checkpoint_classes(checkpoint: Path, num_classes: int) -> None:
+    """Refuse to resume from a checkpoint of a model with another number of classes; name both and the file."""
+    state = load_checkpoint_file(checkpoint)
+    saved = (state.get("hyper_parameters", {}).get("model_params") or {}).get("num_classes", 1)
+    if int(saved) != int(num_classes):
+        raise CheckpointMismatch(
+            f"not resuming: {checkpoint} holds a model with num_classes={saved} but model.num_classes={num_classes}; "
+            f"nothing was trained or overwritten. Set model.num_classes={saved}, or delete {checkpoint.parent} "
+            "(and model/) of this run, or start a new run directory"
+        )
+
+
 def check_checkpoint_matches(checkpoint: Path, bands: list[str], normalization: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint whose bands or normalisation differ from the data; say which."""
 
@@ -362,6 +374,7 @@ def train_model(params: Params, prepared: PreparedData, run_dir: Path, resume: b
     last = layout.last_checkpoint
     resumed = resume and last.is_file()
     if resumed:
+        check_checkpoint_classes(last, params.model.num_classes)
         check_checkpoint_params(last, params)
         check_checkpoint_matches(last, prepared.bands, normalization_record(prepared.stats_path))
     started = time.perf_counter()
