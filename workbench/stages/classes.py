@@ -16,8 +16,12 @@ import pandas as pd
 from workbench.arrays import IGNORE_INDEX
 from workbench.data.prepare import load_prepared
 from workbench.data.store import ChipReader
-from workbench.figures import class_legend
+from workbench.evaluate.calibration import class_probabilities
+from workbench.figures import class_legend, class_reliability_tables, confusion_figure, plot_class_reliability
+from workbench.infer.chips import load_predictions
+from workbench.io import read_json
 from workbench.params import Params, resolve_classes
+from workbench.run import RunLayout
 from workbench.stages.base import StageResult, save_stage_figure
 
 CLASS_METRICS = ("iou", "f1", "precision", "recall")
@@ -89,6 +93,8 @@ def per_class_metrics(metrics: dict[str, Any], params: Params, split: str = "tes
     """
     names, _ = class_names_colors(params)
     absent = metrics.get(f"{split}.absent_classes") or []
+    if isinstance(absent, str):  # metrics.json holds the names comma-separated
+        absent = [name for name in absent.split(",") if name]
     rows = []
     for name in names:
         row: dict[str, Any] = {"class": name}
@@ -103,3 +109,58 @@ def per_class_metrics(metrics: dict[str, Any], params: Params, split: str = "tes
         "overall_accuracy": metrics.get(f"{split}.overall_accuracy", math.nan),
     }
     return pd.concat([table, pd.DataFrame([{"class": key, "iou": value} for key, value in summary.items()])])
+
+
+def confusion_matrix_counts(params: Params, run_dir: Path, split: str) -> np.ndarray:
+    """The (C, C) pixel counts [label, prediction] of `split` from `diagnostics/confusion_<split>.csv`."""
+    names, _ = class_names_colors(params)
+    path = RunLayout(Path(run_dir)).confusion(split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run the training and calibration stages of this run first")
+    long = pd.read_csv(path)
+    counts = long.pivot_table(index="label", columns="predicted", values="count", aggfunc="sum")
+    return counts.reindex(index=names, columns=names).fillna(0).to_numpy(dtype=np.int64)
+
+
+def confusion_figures(params: Params, run_dir: Path, result: StageResult, splits: tuple[str, ...] = ("test",)) -> None:
+    """Draw each split's confusion matrix (counts and row shares) as `figures/confusion_<split>.png`."""
+    names, _ = class_names_colors(params)
+    for split in splits:
+        if not RunLayout(Path(run_dir)).confusion(split).is_file():
+            continue
+        counts = confusion_matrix_counts(params, run_dir, split)
+        fig = confusion_figure(counts, names, title=f"{params.experiment} · {split}")
+        save_stage_figure(fig, Path(run_dir), f"confusion_{split}", result)
+
+
+def reliability_figure(
+    params: Params, run_dir: Path, result: StageResult, split: str | None = None, max_chips: int = 200
+) -> dict[str, dict[str, pd.DataFrame]]:
+    """Per-class reliability diagrams of `split` (default: the test split) before and after calibration.
+
+    Probabilities come from `workbench.evaluate.calibration.class_probabilities` with temperature 1 and with
+    the run's `calibration.json`; at most `max_chips` chips (evenly spaced) keep memory bounded. Saved as
+    `figures/reliability_classes.png`; returns the tables {class: {"before (T = 1)": ..., "after": ...}}.
+    """
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    names, colors = class_names_colors(params)
+    split = split or "test"
+    predictions = load_predictions(run_dir, split)
+    prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
+    positions = np.asarray(predictions["chip_index"].values, dtype=np.int64)
+    keep = np.unique(np.linspace(0, len(positions) - 1, min(max_chips, len(positions))).round().astype(int))
+    logits = np.asarray(predictions["logit"][keep].values, dtype=np.float64)
+    labels = ChipReader(prepared.store, "label").read_batch(positions[keep])
+    valid = ChipReader(prepared.store, "valid").read_batch(positions[keep]).astype(bool)
+    calibration = read_json(layout.calibration) if layout.calibration.is_file() else None
+    before = class_reliability_tables(
+        class_probabilities(logits, None), labels, names, valid=valid, bins=params.calibrate.ece_bins
+    )
+    after = class_reliability_tables(
+        class_probabilities(logits, calibration), labels, names, valid=valid, bins=params.calibrate.ece_bins
+    )
+    tables = {name: {"before (T = 1)": before[name], "after": after[name]} for name in names}
+    fig = plot_class_reliability(tables, colors, title=f"{split}: one-vs-rest reliability per class")
+    save_stage_figure(fig, run_dir, "reliability_classes", result)
+    return tables
