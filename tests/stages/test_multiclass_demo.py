@@ -66,11 +66,7 @@ def test_multiclass_demo_runs_all_notebooks(tmp_path: Path, monkeypatch: pytest.
     assert code == 0, capsys.readouterr().err[-3000:]
     run_dir = next((reports / "demo_multiclass").iterdir())
     layout = RunLayout(run_dir)
-    run = (
-        json.loads(layout.run_file.read_text())
-        if hasattr(layout, "run_file")
-        else json.loads((run_dir / "run.json").read_text())
-    )
+    run = json.loads(layout.info.read_text())
     assert run["status"] == "complete" and list(run["notebooks"]) == NOTEBOOKS
     metrics = json.loads((run_dir / "metrics.json").read_text())
 
