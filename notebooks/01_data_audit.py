@@ -112,6 +112,24 @@ display(audit.tables["positive_by_split_region"].round(4))
 show_figures([audit.figures["class_balance"], audit.figures["positive_by_region"]])
 
 # %% [markdown]
+# ## Classes
+# A softmax model (`model.num_classes >= 2`) gives each pixel one of the classes below (class 0 is the
+# background by convention), drawn in these colours in every figure of the run. The table gives each
+# class's share of the labelled valid pixels per split and the unlabelled share (label 255; in the
+# multiclass demo the pixels under a cloud). A class much rarer in val or test than in train gives
+# unstable per-class scores there; `class_weights: frequency` in a loss term up-weights rare classes.
+
+# %%
+from workbench.stages.classes import class_balance, class_table, is_multiclass, legend_figure
+
+if is_multiclass(params):
+    display(class_table(params))
+    show_figures([legend_figure(params, run_path, audit)])
+    display(class_balance(params, run_path).round(4))
+else:
+    print("binary model (model.num_classes = 1): one foreground class, balanced as above")
+
+# %% [markdown]
 # ## Water index versus label
 # For each chip, the label fraction is compared with the fraction of MNDWI > threshold
 # (`review.water_index_threshold`). The pre-filter keeps a chip when IoU(label, water) ≥

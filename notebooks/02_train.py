@@ -70,6 +70,21 @@ show_figures({"training_curves": training.figures["training_curves"]})
 show_metrics({k: v for k, v in training.metrics.items() if k.startswith(("val.", "test.", "train."))})
 
 # %% [markdown]
+# ### Per class (softmax models)
+# For a model with several classes: IoU, F1, precision and recall of each class on the validation
+# split, decided by the argmax of the uncalibrated probabilities (notebook 03 scores the calibrated
+# ones), and the confusion matrix (rows: label class, columns: predicted class). A class absent from
+# both label and prediction is NaN and marked `absent`, not scored 0 or 1.
+
+# %%
+from workbench.stages.classes import confusion_figures, is_multiclass, per_class_metrics
+
+if is_multiclass(params):
+    display(per_class_metrics(training.metrics, params, "val").round(3))
+    confusion_figures(params, run_path, training, splits=("val",))
+    show_figures({"confusion_val": training.figures["confusion_val"]})
+
+# %% [markdown]
 # ## Final weights
 # The candidates for the saved model (the best checkpoint, the last weights or the SWA average, the
 # EMA averages, the model soup: whichever the run has) scored on the validation split by the
@@ -91,7 +106,8 @@ if "val_predictions" in training.figures:
     show_figures({"val_predictions": training.figures["val_predictions"]})
 
 # %% [markdown]
-# The test chips with the lowest IoU:
+# The test chips with the lowest IoU (pixel accuracy for softmax models):
 
 # %%
-display(training.tables["per_chip_test"].sort_values("iou").head(10))
+per_chip_test = training.tables["per_chip_test"]
+display(per_chip_test.sort_values("iou" if "iou" in per_chip_test else "accuracy").head(10))

@@ -59,8 +59,36 @@ print(f"calibration split: {params.calibrate.split}; threshold rule: {params.cal
 show_metrics({k: v for k, v in calibration.metrics.items() if k.startswith("calibration.")})
 
 # %%
-display(tables["calibration_quality"])
-show_figures({"reliability": calibration.figures["reliability"]})
+if "calibration_quality" in tables:
+    display(tables["calibration_quality"])
+if "reliability" in calibration.figures:
+    show_figures({"reliability": calibration.figures["reliability"]})
+
+# %% [markdown]
+# ## Per class (softmax models)
+#
+# A model with several classes is calibrated with one temperature on every logit (or one per class,
+# `calibrate.per_class_temperature`) before the softmax, and decides each pixel by the argmax of the
+# calibrated probabilities (`calibrate.class_of_interest` gives one class its own probability threshold
+# first). The table lists IoU, F1, precision and recall per class on the test split, then mIoU with and
+# without the background class and the overall accuracy; a class absent from both label and prediction
+# is NaN and marked `absent`. The confusion matrix counts test pixels by label class (rows) and predicted
+# class (columns), beside it each row's shares (recall on the diagonal). The reliability diagrams treat
+# each class one-vs-rest: the probability of the class against how often the label is that class,
+# before (T = 1, dotted) and after calibration (solid, in the class colour).
+
+# %%
+from workbench.stages.classes import confusion_figures, is_multiclass, per_class_metrics, reliability_figure
+
+multiclass = is_multiclass(params)
+if multiclass:
+    display(per_class_metrics(calibration.metrics, params, "test").round(3))
+    confusion_figures(params, run_path, calibration, splits=("test",))
+    reliability_figure(params, run_path, calibration, split="test")
+    show_figures({name: calibration.figures[name] for name in ("confusion_test", "reliability_classes")})
+    for name in ("confusion_test_region", "class_metrics_test"):
+        if name in tables:
+            display(tables[name].round(3))
 
 # %% [markdown]
 # ## 2 · The operating threshold, chosen after calibration
@@ -77,9 +105,11 @@ show_figures({"reliability": calibration.figures["reliability"]})
 # for reference only, on the test split (never used to choose).
 
 # %%
-display(tables["thresholds"])
-sweep = tables["threshold_sweep"]
-display(sweep.pivot_table(index="threshold", columns="split", values=["iou", "precision", "recall"]).round(3))
+if "thresholds" in tables:
+    display(tables["thresholds"])
+if "threshold_sweep" in tables:
+    sweep = tables["threshold_sweep"]
+    display(sweep.pivot_table(index="threshold", columns="split", values=["iou", "precision", "recall"]).round(3))
 
 # %% [markdown]
 # ## 3 · Test scores at the chosen threshold
@@ -91,8 +121,10 @@ display(sweep.pivot_table(index="threshold", columns="split", values=["iou", "pr
 # the score of a detector with no skill (precision = share of water pixels).
 
 # %%
-display(tables["test_summary"])
-show_figures({"pr_curves": calibration.figures["pr_curves"]})
+if "test_summary" in tables:
+    display(tables["test_summary"])
+if "pr_curves" in calibration.figures:
+    show_figures({"pr_curves": calibration.figures["pr_curves"]})
 
 # %% [markdown]
 # ### Per region and per year
@@ -101,8 +133,9 @@ show_figures({"pr_curves": calibration.figures["pr_curves"]})
 # differences between years point to changing conditions (snow, turbidity, sensor state).
 
 # %%
-display(tables["per_region"].round(3))
-display(tables["per_year"].round(3))
+for name in ("per_region", "per_year"):
+    if name in tables:
+        display(tables[name].round(3))
 
 # %% [markdown]
 # ## 4 · Scores at realistic prevalence
@@ -122,7 +155,8 @@ display(tables["per_year"].round(3))
 # on few chips.
 
 # %%
-display(tables["prevalence"].round(5))
+if "prevalence" in tables:
+    display(tables["prevalence"].round(5))
 if "prevalence_pr" in calibration.figures:
     show_figures({"prevalence_pr": calibration.figures["prevalence_pr"]})
 
@@ -137,7 +171,8 @@ if "prevalence_pr" in calibration.figures:
 # that size, precision counts predicted objects of that size.
 
 # %%
-display(tables["objects"].round(3))
+if "objects" in tables:
+    display(tables["objects"].round(3))
 
 # %% [markdown]
 # ## 6 · Test-time augmentation
@@ -159,4 +194,5 @@ if "tta" in tables:
 # ranks label suspicion systematically.
 
 # %%
-display(tables["worst_chips"])
+if "worst_chips" in tables:
+    display(tables["worst_chips"])

@@ -11,6 +11,13 @@
 # * `index_disagreement`: the label against the index of `review.index` (MNDWI for water, none elsewhere);
 # * `vote_entropy` and `contested_share`: how much the annotators of multi-annotator stores disagree.
 #
+# For a softmax model (`model.num_classes >= 2`) the model terms compare label and predicted classes
+# (`workbench.review.signals.class_noise_terms`): `disagree.<class>` is 1 - IoU of that class between
+# label and prediction, `model_disagreement` their mean over the non-background classes,
+# `mismatch_share` the share of pixels whose label class differs from the predicted class, and
+# cleanlab scores the chip from the softmax probabilities of every class; the figures draw label and
+# prediction in the class colours.
+#
 # Decisions taken on the map below go to the store's review ledger (`<store>.review/decisions.jsonl`),
 # which later runs apply: dropped chips leave their split, fixed chips train and score on the corrected label.
 
@@ -34,7 +41,8 @@ show_metrics(review.metrics)
 
 # %%
 display(review.tables["ranking"].head(25))
-display(review.tables["prefilter"])
+if "prefilter" in review.tables:
+    display(review.tables["prefilter"])
 
 # %% [markdown]
 # ## Annotators, decisions so far and conflicting decisions
@@ -55,10 +63,13 @@ for name in ("annotators", "decisions", "conflicts"):
 # as a standalone file.
 
 # %%
-from workbench.review.widget import review_widget
+if params.model.num_classes == 1:
+    from workbench.review.widget import review_widget
 
-review_map = review_widget(params, run_path, review.tables["ranking"])
-display(review_map.widget)
+    review_map = review_widget(params, run_path, review.tables["ranking"])
+    display(review_map.widget)
+else:
+    print("the review map draws binary masks; for this softmax model use the ranking and the figures")
 
 # %% [markdown]
 # ## Most suspicious chips

@@ -79,6 +79,11 @@ class SyntheticConfig(StrictModel):
     lake_fraction: float = Field(0.75, ge=0.0, le=1.0, description="fraction of chips holding at least one lake")
     cloud_fraction: float = Field(0.15, ge=0.0, le=1.0, description="fraction of chips with a cloud and its shadow")
     seed: int = 0
+    multiclass: bool = Field(
+        False,
+        description="label three classes (0 other, 1 lake, 2 snow_ice; cloud-covered pixels unlabelled) instead "
+        "of lake / background; the images are the same",
+    )
 
 
 class SplitConfig(StrictModel):

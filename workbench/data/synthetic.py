@@ -18,6 +18,11 @@ The physics is simplified but consistent, so a model has to combine modalities t
 * Snow is an MNDWI confuser, shadows are optical confusers and wet snow a SAR confuser; only the
   combination of optical, SAR and DEM separates all of them from lakes.
 
+With `SyntheticConfig.multiclass` the label has three classes (`MULTICLASS_CLASSES`: 0 other, 1 lake,
+2 snow_ice from the snow and ice surface) and pixels under a cloud are unlabelled (`IGNORE_INDEX`: an
+annotator sees no ground there); the images, the plan and the random streams are those of the binary
+store, so its images are byte-identical and only the label planes differ.
+
 A fraction of lake chips gets a corrupted label (a lake omitted, undersized or the label shifted) so that
 label-noise audits can be scored; the clean label is stored as the extra plane ``clean_label``. The planes
 ``surface`` (see `SURFACE_CLASSES`) and ``illumination`` (see `ILLUMINATION_CLASSES`) record the simulated
@@ -40,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.store import BandSpec, Chip, StoreWriter, positive_fraction, read_store_meta
 from workbench.functional import confusion_counts, iou_score
 from workbench.params import SplitConfig, SyntheticConfig
@@ -55,6 +61,8 @@ S2_MAX = 16000.0
 SURFACE_CLASSES = {"rock": 0, "vegetation": 1, "snow": 2, "water": 3}
 ILLUMINATION_CLASSES = {"sunlit": 0, "cloud": 1, "cloud_shadow": 2, "terrain_shadow": 3}
 NOISE_KINDS = ("omitted", "undersized", "shifted")
+MULTICLASS_CLASSES = {"other": 0, "lake": 1, "snow_ice": 2}
+BINARY_CLASSES = {"background": 0, "water": 1}
 
 # Chip centres of the default regions (the glacial-lake belts of the CryoSentinel use case).
 REGION_CENTRES: dict[str, tuple[float, float]] = {
@@ -718,6 +726,9 @@ def render_chip(cfg: SyntheticConfig, site: Site, plan: ChipPlan) -> SyntheticSc
     image = np.concatenate([s2, sar, dem[None]]).astype(np.float32)
     clean = water.astype(np.uint8)
     label = _corrupt(rng, plan.noise, lake_masks).astype(np.uint8) if plan.noise else clean.copy()
+    if cfg.multiclass:
+        clean = multiclass_label(clean.astype(bool), surface, illumination)
+        label = multiclass_label(label.astype(bool), surface, illumination)
     return SyntheticScene(
         image=image,
         label=label,
@@ -727,6 +738,19 @@ def render_chip(cfg: SyntheticConfig, site: Site, plan: ChipPlan) -> SyntheticSc
         illumination=illumination,
         n_lakes=int(sum(bool(w.any()) for w in waters)),
     )
+
+
+def multiclass_label(lake: np.ndarray, surface: np.ndarray, illumination: np.ndarray) -> np.ndarray:
+    """The three-class label (`MULTICLASS_CLASSES`) from a lake mask and the simulated surface and illumination.
+
+    Lake pixels (as labelled, so a corrupted lake outline stays corrupted) are `lake`, snow and ice surface
+    outside them `snow_ice`, the rest `other`; pixels under a cloud are `IGNORE_INDEX`.
+    """
+    label = np.full(lake.shape, MULTICLASS_CLASSES["other"], dtype=np.uint8)
+    label[surface == SURFACE_CLASSES["snow"]] = MULTICLASS_CLASSES["snow_ice"]
+    label[np.asarray(lake, dtype=bool)] = MULTICLASS_CLASSES["lake"]
+    label[illumination == ILLUMINATION_CLASSES["cloud"]] = IGNORE_INDEX
+    return label
 
 
 def _chip_id(site: SitePlan, year: int) -> str:
@@ -776,13 +800,16 @@ def iter_synthetic_chips(cfg: SyntheticConfig, progress: bool = False) -> Iterat
 
 def store_attrs(cfg: SyntheticConfig) -> dict[str, Any]:
     """The attributes recorded in a synthetic store's store.json (used to decide whether to regenerate)."""
+    # the binary store records the configuration without the multiclass switch, so stores written before the
+    # switch existed are recognised as the same store (and not regenerated)
+    synthetic = cfg.model_dump(mode="json", exclude=None if cfg.multiclass else {"multiclass"})
     return {
-        "synthetic": cfg.model_dump(mode="json"),
+        "synthetic": synthetic,
         "generator": "workbench.data.synthetic.generate_glacial_lakes",
         "generator_version": GENERATOR_VERSION,
         "surface_classes": dict(SURFACE_CLASSES),
         "illumination_classes": dict(ILLUMINATION_CLASSES),
-        "label_classes": {"background": 0, "water": 1},
+        "label_classes": dict(MULTICLASS_CLASSES if cfg.multiclass else BINARY_CLASSES),
         "pixel_size_m": PIXEL_SIZE_M,
     }
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.agreement import (
     AGREEMENT_COLUMNS,
     ChipMasks,
@@ -33,7 +34,10 @@ from workbench.review.signals import (
     SCORE_COLUMNS,
     SIGNAL_COLUMNS,
     ReviewChip,
+    class_column,
+    class_noise_terms,
     cleanlab_quality,
+    cleanlab_quality_multiclass,
     combined_score,
     noise_terms_from_masks,
 )
@@ -129,7 +133,8 @@ def _cleanlab_batch(masks: list[ChipMasks]) -> list[float]:
 
 def order_columns(table: pd.DataFrame) -> pd.DataFrame:
     """The review table sorted by rank with rank, chip_id, score and the signals first."""
-    first = [c for c in ["rank", "chip_id", "score", *SIGNAL_COLUMNS, "scored_by", "split", "region"] if c in table]
+    signals = [*SIGNAL_COLUMNS, "mismatch_share", *sorted(c for c in table.columns if str(c).startswith("disagree."))]
+    first = [c for c in ["rank", "chip_id", "score", *signals, "scored_by", "split", "region"] if c in table]
     rest = [c for c in table.columns if c not in first]
     return table.sort_values("rank", kind="stable")[first + rest].reset_index(drop=True)
 
@@ -263,3 +268,76 @@ def top_k_scores(table: pd.DataFrame, k: int, truth_column: str = "noisy") -> di
         "n_true": n_true,
         "hits": hits,
     }
+
+
+# --------------------------------------------------------------------------- multiclass
+
+
+def _class_cleanlab_batch(batch: list[ReviewChip], n_classes: int) -> list[float]:
+    """cleanlab quality of a batch of softmax chips (NaN for chips without probabilities)."""
+    out = [math.nan] * len(batch)
+    members_by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, chip in enumerate(batch):
+        if chip.class_probs is not None:
+            members_by_shape.setdefault(np.shape(chip.label), []).append(i)
+    for members in members_by_shape.values():
+        labels = np.stack([np.asarray(batch[i].label) for i in members])
+        probs = np.stack([np.asarray(batch[i].class_probs) for i in members])
+        valid = np.stack([np.asarray(batch[i].valid, dtype=bool) for i in members])
+        scored = valid & (labels != IGNORE_INDEX) & (labels < n_classes)
+        for i, quality in zip(members, cleanlab_quality_multiclass(labels, probs, scored), strict=True):
+            out[i] = float(quality)
+    return out
+
+
+def class_review_table(
+    chips: Iterable[ReviewChip | Mapping[str, Any]],
+    names: Sequence[str],
+    cfg: ReviewParams | None = None,
+    confidence: float = 0.9,
+    smooth_pixels: float = 8.0,
+    progress: bool = True,
+    cleanlab: bool = True,
+) -> pd.DataFrame:
+    """The review table of a softmax model: one row per chip, the columns of `review_table` where they apply.
+
+    Each chip needs `class_probs` (C, H, W calibrated probabilities) and optionally `predicted` (the decided
+    class map). Columns: the catalog row's scalar fields, `class_noise_terms` (model_disagreement,
+    mismatch_share, confident_error, one `disagree.<class>` column per class), `cleanlab_quality` (softmax
+    probabilities (N, C, H, W), `cfg.batch_size` chips per call), `score`
+    (`workbench.review.signals.combined_score`: the index and vote terms add 0) and `rank`.
+    """
+    cfg = cfg or ReviewParams()
+    total = len(chips) if isinstance(chips, Sized) else None
+    rows: list[dict[str, Any]] = []
+    batch: list[ReviewChip] = []
+
+    def flush() -> None:
+        qualities = _class_cleanlab_batch(batch, len(names)) if cleanlab else [math.nan] * len(batch)
+        for offset, quality in enumerate(qualities):
+            rows[len(rows) - len(batch) + offset]["cleanlab_quality"] = quality
+        batch.clear()
+
+    for item in tqdm(chips, total=total, desc="label review", unit="chip", disable=not progress):
+        chip = _as_review_chip(item)
+        if isinstance(item, Mapping):
+            chip.class_probs, chip.predicted = item.get("class_probs"), item.get("predicted")
+        row = {key: value for key, value in dict(chip.row).items() if np.ndim(value) == 0}
+        row.update(
+            class_noise_terms(
+                chip.label, chip.valid, chip.class_probs, names, cfg, chip.predicted, confidence, smooth_pixels
+            )
+        )
+        rows.append(row)
+        batch.append(chip)
+        if len(batch) >= cfg.batch_size:
+            flush()
+    if batch:
+        flush()
+    columns = [class_column(name) for name in names]
+    if not rows:
+        return pd.DataFrame(columns=["chip_id", *SCORE_COLUMNS, "mismatch_share", *columns, "cleanlab_quality", "rank"])
+    table = pd.DataFrame(rows)
+    table["score"] = combined_score(table, cfg)
+    table["rank"] = rank_by_score(table)
+    return table

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.arrays import IGNORE_INDEX
 from workbench.data.agreement import ChipMasks, mask_iou, prepare_masks
 from workbench.params import ReviewParams
 
@@ -41,6 +42,8 @@ class ReviewChip:
     row: Mapping[str, Any] = field(default_factory=dict)  # chip_id, region, year, lat, lon, split, [noisy]
     votes: np.ndarray | None = None  # (H, W) annotator vote counts of multi-annotator stores
     n_annotators: int = 0
+    class_probs: np.ndarray | None = None  # (C, H, W) calibrated class probabilities of a softmax model
+    predicted: np.ndarray | None = None  # (H, W) decided class map; default: argmax of class_probs
 
     @property
     def chip_id(self) -> str:
@@ -181,3 +184,95 @@ def combined_score(table: Any, cfg: ReviewParams) -> Any:
         + cfg.cleanlab_weight * cleanlab_issue
         + cfg.votes_weight * term("contested_share")
     )
+
+
+# --------------------------------------------------------------------------- multiclass
+
+
+def class_column(name: str) -> str:
+    """The review-table column of the per-class disagreement of class `name`."""
+    return f"disagree.{name}"
+
+
+def class_noise_terms(
+    label: np.ndarray,
+    valid: np.ndarray,
+    class_probs: np.ndarray | None,
+    names: Sequence[str],
+    cfg: ReviewParams | None = None,
+    predicted: np.ndarray | None = None,
+    confidence: float = 0.9,
+    smooth_pixels: float = 8.0,
+) -> dict[str, float]:
+    """The suspicion terms of one chip of a softmax model (label classes against predicted classes).
+
+    On scored pixels (valid and labelled), with L the label classes, P the predicted classes (`predicted`,
+    else the argmax of `class_probs` (C, H, W)) and IoU_s the smoothed IoU of `noise_score`::
+
+        mismatch_share     = share of scored pixels with L != P
+        disagree.<k>       = 1 - IoU_s(L == k, P == k)                  one column per class
+        model_disagreement = mean of disagree.<k> over the classes k >= 1 (class 0 = background)
+        confident_error    = mean (1 - p[L]) over pixels whose top probability exceeds `confidence`
+        score              = cfg.model_weight * model_disagreement + cfg.confident_weight * confident_error
+
+    Why per class: an omitted lake is a few percent of a chip's pixels but the whole of its lake class, so
+    the per-class IoU sees it where the pixel share barely moves; the pseudo-count keeps a few stray pixels
+    of a class that is absent from the label from looking like a missing object. With two classes the
+    confident error equals the binary one (|p - L| = 1 - p[L]). Without probabilities every term is NaN.
+    """
+    cfg = cfg or ReviewParams()
+    label = np.asarray(label)
+    valid = np.asarray(valid, dtype=bool)
+    n_classes = len(names)
+    if class_probs is None:
+        empty = {"model_disagreement": math.nan, "mismatch_share": math.nan, "confident_error": math.nan}
+        return {**empty, **{class_column(name): math.nan for name in names}, "score": 0.0}
+    probs = np.asarray(class_probs, dtype=np.float64)
+    if probs.shape != (n_classes, *label.shape):
+        raise ValueError(f"class probabilities have shape {probs.shape}, expected {(n_classes, *label.shape)}")
+    pred = np.argmax(probs, axis=0) if predicted is None else np.asarray(predicted)
+    scored = valid & (label != IGNORE_INDEX) & (label < n_classes)
+    n_scored = int(scored.sum())
+    terms: dict[str, float] = {}
+    for k, name in enumerate(names):
+        terms[class_column(name)] = 1.0 - mask_iou(scored & (label == k), scored & (pred == k), smooth_pixels)
+    foreground = [terms[class_column(name)] for name in names[1:]] or [terms[class_column(names[0])]]
+    model_disagreement = float(np.mean(foreground))
+    mismatch = float(np.count_nonzero(scored & (label != pred)) / n_scored) if n_scored else 0.0
+    confident = scored & (probs.max(axis=0) > confidence)
+    if confident.any():
+        given = np.take_along_axis(probs, label.astype(np.int64).clip(0, n_classes - 1)[None], axis=0)[0]
+        confident_error = float(np.mean(1.0 - given[confident]))
+    else:
+        confident_error = 0.0
+    score = cfg.model_weight * model_disagreement + cfg.confident_weight * confident_error
+    return {
+        "model_disagreement": model_disagreement,
+        "mismatch_share": mismatch,
+        "confident_error": confident_error,
+        **terms,
+        "score": score,
+    }
+
+
+def cleanlab_quality_multiclass(labels: np.ndarray, probs: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """cleanlab's per-chip label-quality score for a softmax model: `probs` (N, C, H, W), `labels` (N, H, W).
+
+    `cleanlab.segmentation.rank.get_label_quality_scores(method="softmin")` takes the softmax probabilities
+    as they are; unscored pixels (nodata, unlabelled) take the model's own top class, so they never look
+    like label issues (as in `cleanlab_quality`).
+    """
+    from cleanlab.segmentation.rank import get_label_quality_scores
+
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float32)
+    scored = np.asarray(scored, dtype=bool)
+    if probs.ndim != 4 or labels.shape != scored.shape or labels.shape != probs.shape[:1] + probs.shape[2:]:
+        raise ValueError(
+            f"labels {labels.shape}, probs {probs.shape} and scored {scored.shape} must be (N, H, W), "
+            "(N, C, H, W) and (N, H, W)"
+        )
+    probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
+    given = np.where(scored, labels, np.argmax(probs, axis=1)).astype(np.int64)
+    scores, _ = get_label_quality_scores(given, probs, method="softmin", verbose=False)
+    return np.asarray(scores, dtype=np.float64)

@@ -25,6 +25,7 @@ from workbench.review.maps import chip_footprints, noise_image, png_data_url, re
 from workbench.review.ranking import order_columns
 from workbench.run import REVIEW, TRAINING, RunLayout
 from workbench.stages.base import StageResult, save_stage_figure, write_stage_metrics
+from workbench.stages.review_classes import run_class_review
 from workbench.train.crossfit import oof_name, use_out_of_fold
 
 
@@ -86,6 +87,8 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     catalog = prepared.catalog
     splits = [split for split in cfg.splits if (catalog["review_split"] == split).any()]
     sources = {split: review_predictions(params, run_dir, split, catalog) for split in splits}
+    if params.model.num_classes >= 2:  # a softmax model: per-class review (workbench.stages.review_classes)
+        return run_class_review(params, run_dir, sources)
     votes_reader, n_annotators = _store_votes(prepared.store)
 
     def chips() -> Any:
