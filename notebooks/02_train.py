@@ -111,3 +111,15 @@ if "val_predictions" in training.figures:
 # %%
 per_chip_test = training.tables["per_chip_test"]
 display(per_chip_test.sort_values("iou" if "iou" in per_chip_test else "accuracy").head(10))
+
+# %% [markdown]
+# ### Raw against label-corrected metrics
+# When the store's review ledger is applied (`review.decisions`), validation and test are scored twice at
+# the fixed threshold: against the store's labels (raw) and with the reviewers' decisions (dropped chips
+# left out, fixed chips on their corrected label), per split and region (`diagnostics/label_corrected.csv`).
+
+# %%
+if "label_corrected" in training.tables:
+    display(training.tables["label_corrected"].round(4))
+else:
+    print("no review ledger applied: raw labels only")

@@ -59,8 +59,10 @@ for name in ("annotators", "decisions", "conflicts"):
 # Footprints coloured by score (hover: chip id and score; click: the chip's panels on the right), the
 # label-noise layer of the current chip (orange: labelled but not predicted; magenta: predicted but not
 # labelled), check boxes for the layers, next / previous through the ranking and the decision buttons.
-# "fix" stores the model's mask as the chip's corrected label. `figures/review_map.html` is the same map
-# as a standalone file.
+# "fix" stores a polygon or rectangle drawn on the chip with the map's draw control as the chip's corrected
+# label (burnt onto the chip's pixel grid), or the model's mask when nothing is drawn. Footprints are the
+# chips' exact outlines where the store records each chip's CRS and bounds, otherwise squares around the
+# chip centres (the legend says which). `figures/review_map.html` is the same map as a standalone file.
 
 # %%
 if params.model.num_classes == 1:

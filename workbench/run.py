@@ -230,6 +230,11 @@ class RunLayout:
         return self.diagnostic("label_corrected.csv")
 
     @property
+    def label_corrected_calibrated(self) -> Path:
+        """diagnostics/label_corrected_calibrated.csv: raw and label-corrected metrics at the calibrated thresholds."""
+        return self.diagnostic("label_corrected_calibrated.csv")
+
+    @property
     def ledger_record(self) -> Path:
         """data/ledger.json: which review ledger (path, line count, sha256) the run's stages applied."""
         return self.data / "ledger.json"

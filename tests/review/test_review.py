@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +25,9 @@ from workbench.data.store import BandSpec, Chip, StoreWriter, open_store
 from workbench.params import ReviewParams
 from workbench.review import (
     ReviewChip,
-    ReviewLog,
-    ReviewLogWarning,
-    corrected_metrics,
     iter_store_chips,
     noise_score,
     noise_terms,
-    review_decisions,
     review_table,
     top_k_scores,
 )
@@ -376,69 +370,6 @@ def test_prefilter_table_counts_chips_per_reason() -> None:
     assert result.loc[REASON_LOW_IOU, "median_iou_label_water"] == pytest.approx(0.055)
     assert result["share"].sum() == pytest.approx(1.0)
     assert result.loc[REASON_EMPTY_WET, "share"] == pytest.approx(1 / 6)
-
-
-def test_corrected_metrics_pool_iou_after_dropping_chips() -> None:
-    stats = pd.DataFrame(
-        {
-            "chip_id": ["a", "b", "c"],
-            "region": ["ile", "ile", "tien"],
-            "tp": [90, 10, 50],
-            "fp": [5, 30, 0],
-            "fn": [5, 60, 0],
-        }
-    )
-    result = corrected_metrics(stats, ["b", "zz"], group_column="region")
-    assert result["iou"] == pytest.approx(150 / 250)
-    assert result["iou_corrected"] == pytest.approx(140 / 150)
-    assert result["delta"] == pytest.approx(140 / 150 - 150 / 250)
-    assert (result["n_chips"], result["n_dropped"], result["n_kept"]) == (3, 1, 2)
-    assert result["unmatched"] == ["zz"]
-    assert result["per_group"]["ile"]["iou"] == pytest.approx(100 / 200)
-    assert result["per_group"]["ile"]["iou_corrected"] == pytest.approx(90 / 100)
-    assert result["per_group"]["tien"]["iou_corrected"] == pytest.approx(1.0)
-
-
-# --------------------------------------------------------------------------- decision log
-
-
-def test_review_log_keeps_the_latest_decision_and_survives_a_torn_line(tmp_path: Path) -> None:
-    path = tmp_path / "review" / "decisions.jsonl"
-    log = ReviewLog(path)
-    log.record("chip_a", "keep", note="looks fine", reviewer="ana")
-    log.record("chip_b", "fix", note="lake undersized")
-    log.record("chip_a", "drop", note="second lake missing", reviewer="ana")
-    with open(path, "ab") as handle:  # a crash in the middle of writing a line
-        handle.write(b'{"chip_id": "chip_c", "decis')
-    with pytest.warns(ReviewLogWarning, match=r"decisions.jsonl:4"):
-        latest = log.latest()
-    assert {key: value.decision for key, value in latest.items()} == {"chip_a": "drop", "chip_b": "fix"}
-    assert latest["chip_a"].note == "second lake missing" and latest["chip_a"].reviewer == "ana"
-    assert len(log.problems) == 1
-
-    log.record("chip_c", "unsure")  # must not be glued onto the torn line
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        latest = log.latest()
-    assert len(caught) == 1
-    assert latest["chip_c"].decision == "unsure" and latest["chip_a"].decision == "drop"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert json.loads(lines[-1])["chip_id"] == "chip_c"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ReviewLogWarning)
-        assert log.chip_ids("drop") == {"chip_a"}
-        frame = review_decisions(path)
-    assert sorted(frame["chip_id"]) == ["chip_a", "chip_b", "chip_c"]
-    assert set(frame.columns) == {"chip_id", "decision", "note", "reviewer", "time"}
-
-
-def test_review_log_rejects_unknown_decisions(tmp_path: Path) -> None:
-    log = ReviewLog(tmp_path / "log.jsonl")
-    with pytest.raises(ValueError, match="decision must be one of"):
-        log.record("chip_a", "delete")
-    with pytest.raises(ValueError, match="chip_id"):
-        log.record("", "keep")
-    assert log.latest() == {}
 
 
 # --------------------------------------------------------------------------- real imagery

@@ -201,6 +201,29 @@ def test_ledger_bad_input_is_refused_with_clear_messages(tmp_path: Path) -> None
         Ledger.for_store(other, ledger.path).record("c1", "drop")
 
 
+def test_ledger_refuses_unknown_decisions_and_keeps_appending_after_a_torn_line(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "store")
+    ledger = Ledger.for_store(store)
+    with pytest.raises(LedgerError, match="decision must be one of"):
+        ledger.record("c0", "delete")
+    with pytest.raises(LedgerError, match="chip_id must be a non-empty string"):
+        ledger.record("", "keep")
+    with pytest.raises(LedgerError, match="only a 'fix' carries a corrected label"):
+        ledger.record("c0", "drop", corrected=np.zeros((SIZE, SIZE), np.uint8))
+    assert ledger.latest() == {} and not ledger.path.exists()
+    ledger.record("c0", "keep", note="looks fine", reviewer="ana")
+    with open(ledger.path, "ab") as handle:
+        handle.write(b'{"chip_id": "c2", "decis')  # torn last line, no newline
+    ledger.record("c2", "unsure")  # must start a line of its own
+    lines = ledger.path.read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[-1])["chip_id"] == "c2" and len(lines) == 4  # header, c0, torn, c2
+    with pytest.warns(LedgerWarning):
+        table = ledger.table()
+    assert sorted(table["chip_id"]) == ["c0", "c2"]
+    assert table.set_index("chip_id").loc["c0", "note"] == "looks fine"
+    assert list(table.columns) == ["chip_id", "decision", "note", "reviewer", "time", "corrected", "sha256", "line"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_ledger_keeps_the_decision_pending(tmp_path: Path) -> None:
     from workbench.review.widget import ReviewSession

@@ -34,6 +34,7 @@ each site and each chip from its own `numpy.random.SeedSequence` stream keyed by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ from workbench.data.store import BandSpec, Chip, StoreWriter, positive_fraction,
 from workbench.functional import confusion_counts, iou_score
 from workbench.params import SplitConfig, SyntheticConfig
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: catalog records each chip's CRS (UTM zone) and bounds
 PIXEL_SIZE_M = 10.0  # the chips imitate Sentinel-2's 10 m bands
 SOURCE = "synthetic"
 
@@ -757,6 +758,23 @@ def _chip_id(site: SitePlan, year: int) -> str:
     return f"{site.region}-s{site.index:04d}-{year}"
 
 
+@functools.lru_cache(maxsize=8)
+def _to_crs(crs: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+
+
+def utm_georeference(lat: float, lon: float, size: int, pixel_size_m: float = PIXEL_SIZE_M) -> dict[str, Any]:
+    """The chip's CRS (the WGS84 UTM zone of its centre) and bounds: a size x size grid of pixel_size_m pixels
+    centred on (lat, lon), as a GeoTIFF-based store records them (`workbench.data.sources.chip_georeference`)."""
+    zone = min(int((lon + 180.0) // 6.0) + 1, 60)
+    crs = f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
+    x, y = _to_crs(crs).transform(lon, lat)
+    half = size * pixel_size_m / 2.0
+    return {"crs": crs, "x_min": x - half, "y_min": y - half, "x_max": x + half, "y_max": y + half}
+
+
 def _to_chip(site: SitePlan, plan: ChipPlan, scene: SyntheticScene) -> Chip:
     extra: dict[str, Any] = {
         "site_id": f"{site.region}-s{site.index:04d}",
@@ -771,6 +789,7 @@ def _to_chip(site: SitePlan, plan: ChipPlan, scene: SyntheticScene) -> Chip:
         ),
         "snow_fraction": float((scene.surface == SURFACE_CLASSES["snow"]).mean()),
         "n_lakes": scene.n_lakes,
+        **utm_georeference(site.lat, site.lon, int(scene.label.shape[-1])),
     }
     return Chip(
         chip_id=_chip_id(site, plan.year),

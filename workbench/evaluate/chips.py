@@ -7,7 +7,7 @@ all count the same pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,13 @@ import xarray as xr
 
 from workbench.arrays import IGNORE_INDEX, sigmoid
 from workbench.data.dataset import ChipDataset
-from workbench.functional import confusion_counts, iou_score, mark_undefined_without_positives, metrics_from_counts
+from workbench.functional import (
+    confusion_counts,
+    f1_score,
+    iou_score,
+    mark_undefined_without_positives,
+    metrics_from_counts,
+)
 from workbench.indices import mndwi
 
 IDENTITY_COLUMNS = ("chip_id", "region", "year", "lat", "lon", "split")
@@ -130,29 +136,71 @@ def pooled_metrics(table: pd.DataFrame) -> dict[str, float]:
     return mark_undefined_without_positives(pooled, tp, fn)  # no positive pixel: IoU/F1/recall undefined
 
 
+def raw_and_corrected_counts(
+    store: Path,
+    catalog: pd.DataFrame,
+    predictions: xr.Dataset,
+    corrections: Mapping[int, Path],
+    temperature: float = 1.0,
+    threshold: float | Callable[[str], float] = 0.5,
+) -> pd.DataFrame:
+    """Per-chip confusion counts against the store's label (`tp_raw`, ...) and the label-corrected one (`tp`, ...).
+
+    For every predicted chip: identity columns, `dropped` (catalog split "dropped": a review "drop"),
+    `fixed` (a corrected label from the review ledger, `corrections`: store index -> label file) and both
+    sets of counts at `threshold` on probabilities at `temperature` (a callable maps a chip's region to
+    its threshold, as `Calibration.threshold_for`). Only labels and valid masks are read, not images.
+    `label_corrected_table` turns the result into the raw against label-corrected table.
+    """
+    from workbench.data.ledger import load_corrected
+    from workbench.data.store import ChipReader
+
+    labels, valids = ChipReader(store, "label"), ChipReader(store, "valid")
+    logits = predictions["logit"]
+    rows = []
+    for position, index in enumerate(np.asarray(predictions["chip_index"].values, dtype=np.int64)):
+        index = int(index)
+        row = chip_identity(catalog, index)
+        region = str(catalog["region"].iloc[index]) if "region" in catalog else ""
+        cut = threshold(region) if callable(threshold) else float(threshold)
+        prob = sigmoid(np.asarray(logits[position].values, dtype=np.float32) / temperature, np.float32)
+        raw_label, valid = labels.read(index), valids.read(index).astype(bool)
+        label = load_corrected(corrections[index], raw_label.shape) if index in corrections else raw_label
+        for suffix, truth in (("", label), ("_raw", raw_label)):
+            counts = chip_counts(prob >= cut, truth > 0, valid & (truth != IGNORE_INDEX))
+            row.update({f"{key}{suffix}": counts[key] for key in ("tp", "fp", "fn", "tn")})
+        row["threshold"] = cut
+        row["dropped"] = bool(catalog["split"].iloc[index] == "dropped")
+        row["fixed"] = index in corrections
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def label_corrected_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Raw and label-corrected pooled IoU side by side, for all chips and per region.
+    """Raw and label-corrected pooled IoU and F1 side by side, for all chips and per region.
 
     Raw: every chip scored against the store's original label (`*_raw` counts). Label-corrected: chips
     judged "drop" left out, fixed chips scored against their corrected label. Columns: region, iou_raw,
-    iou_corrected, delta, n_chips, n_dropped, n_fixed.
+    iou_corrected, delta, f1_raw, f1_corrected, n_chips, n_dropped, n_fixed.
     """
 
-    def pooled(frame: pd.DataFrame, suffix: str) -> float:
+    def pooled(frame: pd.DataFrame, suffix: str, metric: Callable[..., Any]) -> float:
         tp, fp, fn = (float(frame[f"{c}{suffix}"].sum()) for c in ("tp", "fp", "fn"))
-        return float(iou_score(tp, fp, fn, 0.0))
+        return float(metric(tp, fp, fn, 0.0))
 
     rows = []
     groups = [("all", table)] + ([(str(r), g) for r, g in table.groupby("region")] if "region" in table else [])
     for region, frame in groups:
         kept = frame[~frame["dropped"].astype(bool)]
-        raw, corrected = pooled(frame, "_raw"), pooled(kept, "")
+        raw, corrected = pooled(frame, "_raw", iou_score), pooled(kept, "", iou_score)
         rows.append(
             {
                 "region": region,
                 "iou_raw": raw,
                 "iou_corrected": corrected,
                 "delta": corrected - raw,
+                "f1_raw": pooled(frame, "_raw", f1_score),
+                "f1_corrected": pooled(kept, "", f1_score),
                 "n_chips": len(frame),
                 "n_dropped": int(frame["dropped"].sum()),
                 "n_fixed": int(frame["fixed"].sum()),

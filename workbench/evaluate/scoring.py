@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from workbench.arrays import IGNORE_INDEX
+from workbench.data.ledger import load_corrected
 from workbench.data.store import ChipReader
 from workbench.evaluate.calibration import (
     Calibration,
@@ -67,20 +68,35 @@ class ReportInputError(ValueError):
 # --------------------------------------------------------------------------- reading a split
 
 
-def iter_label_logits(store: Path, predictions: xr.Dataset, batch: int = 32) -> Iterator[ChipArrays]:
+def iter_label_logits(
+    store: Path,
+    predictions: xr.Dataset,
+    batch: int = 32,
+    corrections: Mapping[int, Path] | None = None,
+    skip: Collection[int] = (),
+) -> Iterator[ChipArrays]:
     """Yield (store index, label, valid, logit) per predicted chip; images are not read.
 
-    Logits are read `batch` chips at a time (one zarr read per batch instead of one per chip).
+    Logits are read `batch` chips at a time (one zarr read per batch instead of one per chip). With a
+    review ledger applied, `corrections` (store index -> corrected label file) replace those chips' labels
+    and the chips in `skip` (judged "drop") are left out.
     """
 
     labels, valids = ChipReader(store, "label"), ChipReader(store, "valid")
     indices = np.asarray(predictions["chip_index"].values, dtype=np.int64)
     logits = predictions["logit"]
+    corrections = corrections or {}
+    skipped = {int(index) for index in skip}
     for start in range(0, indices.size, batch):
         block = np.asarray(logits.isel(chip=slice(start, start + batch)).values)
         for offset, index in enumerate(indices[start : start + batch]):
             chip = int(index)
-            yield chip, labels.read(chip), valids.read(chip).astype(bool), block[offset]
+            if chip in skipped:
+                continue
+            label = labels.read(chip)
+            if chip in corrections:
+                label = load_corrected(corrections[chip], label.shape)
+            yield chip, label, valids.read(chip).astype(bool), block[offset]
 
 
 def _usable_and_positive(label: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

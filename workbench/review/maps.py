@@ -1,8 +1,8 @@
 """What the review map draws, without any map library: chip footprints, label-noise images, a standalone HTML map.
 
-* `chip_footprints`: each chip's square footprint as a lon/lat polygon, from its centre, its size in
-  pixels and the pixel size (metres), or from the catalog's own bounds (`x_min`, `y_min`, `x_max`, `y_max`
-  in the CRS named by `crs`) where the store has them;
+* `chip_footprints` (from `workbench.review.geometry`): each chip's footprint as a lon/lat polygon, exact
+  from the catalog's `crs` and bounds (`x_min`, `y_min`, `x_max`, `y_max` in that CRS) where the store
+  records them, otherwise a square around the chip's centre (the map legend says which);
 * `noise_image`: the label-noise layer of one chip, an RGBA image where label and prediction disagree
   (missed pixels, labelled but not predicted, in orange; extra pixels, predicted but not labelled, in
   magenta), and `png_data_url` to inline it;
@@ -21,54 +21,16 @@ import html
 import io
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from workbench.review.geometry import chip_footprints
+
+__all__ = ["chip_footprints", "noise_image", "png_data_url", "review_map_html", "score_colour"]
+
 MISSED_RGBA = (255, 140, 0, 200)  # labelled, not predicted
 EXTRA_RGBA = (220, 0, 220, 200)  # predicted, not labelled
-METRES_PER_DEGREE = 111_320.0
-
-
-def chip_footprints(
-    catalog: pd.DataFrame, chip_size: int, pixel_size_m: float = 10.0
-) -> list[list[tuple[float, float]]]:
-    """Footprint of each catalog row as a closed ring of (lon, lat) corners.
-
-    With columns x_min, y_min, x_max, y_max and crs (the chip's own CRS) the corners are reprojected to
-    lon/lat; otherwise a square of chip_size x pixel_size_m metres around the chip's centre.
-    """
-    bounds = {"x_min", "y_min", "x_max", "y_max", "crs"} <= set(catalog.columns)
-    rings: list[list[tuple[float, float]]] = []
-    transformers: dict[str, Any] = {}
-    for _, row in catalog.iterrows():
-        if bounds and isinstance(row["crs"], str) and row["crs"]:
-            from pyproj import Transformer
-
-            crs = str(row["crs"])
-            if crs not in transformers:
-                transformers[crs] = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-            corners = [
-                (row["x_min"], row["y_min"]),
-                (row["x_max"], row["y_min"]),
-                (row["x_max"], row["y_max"]),
-                (row["x_min"], row["y_max"]),
-            ]
-            ring = [tuple(float(v) for v in transformers[crs].transform(x, y)) for x, y in corners]
-        else:
-            half = chip_size * pixel_size_m / 2.0
-            lat, lon = float(row["lat"]), float(row["lon"])
-            dlat = half / METRES_PER_DEGREE
-            dlon = half / (METRES_PER_DEGREE * max(math.cos(math.radians(lat)), 1e-6))
-            ring = [
-                (lon - dlon, lat - dlat),
-                (lon + dlon, lat - dlat),
-                (lon + dlon, lat + dlat),
-                (lon - dlon, lat + dlat),
-            ]
-        rings.append([*ring, ring[0]])  # type: ignore[list-item]
-    return rings
 
 
 def noise_image(label: np.ndarray, prob: np.ndarray, valid: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -109,11 +71,14 @@ def review_map_html(
     title: str = "Label-noise review",
     width: int = 900,
     height: int = 640,
+    footprint_note: str = "",
 ) -> str:
     """A standalone HTML review map (no network): footprints coloured by score, noise layer, side panel.
 
     `table` is the ranking (chip_id, score, rank, ...), aligned with `footprints`; `overlays` maps chip ids
-    to PNG data URLs of their noise images and `figures` to data URLs of their four-panel figures.
+    to PNG data URLs of their noise images and `figures` to data URLs of their four-panel figures;
+    `footprint_note` (see `workbench.review.geometry.footprint_note`) says in the legend whether the
+    footprints are exact or approximate.
     """
     overlays = overlays or {}
     figures = figures or {}
@@ -169,7 +134,7 @@ chip footprints (by score)</label><br>
 <label><input type="checkbox" checked onchange="toggle('layer-noise',this.checked)"> label noise</label>
 <div class="legend"><span style="background:rgb{MISSED_RGBA[:3]}"></span>missed (label, no prediction)
 <span style="background:rgb{EXTRA_RGBA[:3]}"></span>extra (prediction, no label);
-footprints yellow (low score) to red (high)</div>
+footprints yellow (low score) to red (high)<br>{html.escape(footprint_note)}</div>
 <div id="chip">Click a chip to see its panels.</div></div>
 <script>
 var figures = {figure_json};

@@ -5,12 +5,14 @@ The only review module that imports ipywidgets, ipyleaflet and leafmap (and only
 * `ReviewSession` is the logic without any widget: the ranking, the current chip, next / previous, and
   `decide`, which writes one line to the store's ledger (`workbench.data.ledger.Ledger`) and reports an
   error instead of losing the decision: a decision that could not be written stays pending and is
-  written by the next successful `decide` or `retry`. "fix" takes the model's mask of the chip (from
-  `model_mask`) as the corrected label.
+  written by the next successful `decide` or `retry`. "fix" takes the last polygon drawn on the chip
+  (`draw`, burnt onto the chip's grid by `workbench.review.geometry.rasterize_drawn_polygon`) as the
+  corrected label, or the model's mask of the chip (from `model_mask`) when none is drawn.
 * `ReviewWidget` shows it: chip footprints coloured by score (hover: chip id and score; click: select the
   chip and show its panels in the side panel), the chip's label-noise image as an image overlay from an
   inline PNG (works offline), check boxes that add and remove the layers, next / previous buttons,
-  keep / drop / fix / unsure buttons, a note and the reviewer's name.
+  keep / drop / fix / unsure buttons, a note and the reviewer's name, and a draw control (polygon and
+  rectangle) whose last shape becomes the corrected label of a "fix".
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class ReviewSession:
     table: pd.DataFrame  # the ranking: chip_id, score, rank, ...
     ledger: Ledger
     model_mask: Callable[[str], np.ndarray] | None = None  # chip id -> the model's 0/1 mask, for "fix"
+    polygon_label: Callable[[str, Mapping[str, Any]], np.ndarray] | None = None  # (chip id, GeoJSON) -> 0/1 label
     position: int = 0
+    drawn: Mapping[str, Any] | None = None  # the last polygon drawn on the current chip (GeoJSON, lon/lat)
     pending: list[Pending] = field(default_factory=list)
     message: str = ""
 
@@ -64,11 +68,13 @@ class ReviewSession:
     def next(self) -> str:
         """Move to the next chip of the ranking (stays at the last)."""
         self.position = min(self.position + 1, len(self.table) - 1)
+        self.drawn = None
         return self.chip_id
 
     def previous(self) -> str:
         """Move to the previous chip of the ranking (stays at the first)."""
         self.position = max(self.position - 1, 0)
+        self.drawn = None
         return self.chip_id
 
     def select(self, chip_id: str) -> str:
@@ -76,8 +82,36 @@ class ReviewSession:
         matches = np.flatnonzero(self.table["chip_id"].astype(str).to_numpy() == str(chip_id))
         if matches.size == 0:
             raise KeyError(f"chip {chip_id!r} is not in the ranking")
+        if int(matches[0]) != self.position:
+            self.drawn = None
         self.position = int(matches[0])
         return self.chip_id
+
+    def draw(self, geometry: Mapping[str, Any] | None) -> None:
+        """Remember the last polygon drawn on the map (None forgets it); a "fix" then takes it as the label."""
+        self.drawn = geometry
+        self.message = "a 'fix' now takes the drawn polygon" if geometry else ""
+
+    def corrected_label(self) -> np.ndarray | None:
+        """The corrected label a "fix" of the current chip records: the drawn polygon, else the model's mask.
+
+        Returns None (with `message` saying why) when neither can be had.
+        """
+        from workbench.review.geometry import DrawnPolygonError
+
+        if self.drawn is not None:
+            if self.polygon_label is None:
+                self.message = "this review cannot place drawn polygons on the chip"
+                return None
+            try:
+                return (np.asarray(self.polygon_label(self.chip_id, self.drawn)) > 0).astype(np.uint8)
+            except DrawnPolygonError as error:
+                self.message = f"not saved: {error}"
+                return None
+        if self.model_mask is None:
+            self.message = "'fix' needs the model's mask or a drawn polygon, and this review has neither"
+            return None
+        return (np.asarray(self.model_mask(self.chip_id)) > 0).astype(np.uint8)
 
     def decide(self, decision: str, note: str = "", reviewer: str = "") -> bool:
         """Record `decision` for the current chip; True when it (and any pending one) is in the ledger.
@@ -90,11 +124,11 @@ class ReviewSession:
             return False
         corrected = None
         if decision == "fix":
-            if self.model_mask is None:
-                self.message = "'fix' needs the model's mask, which this review does not have"
+            corrected = self.corrected_label()
+            if corrected is None:
                 return False
-            corrected = (np.asarray(self.model_mask(self.chip_id)) > 0).astype(np.uint8)
         self.pending.append(Pending(self.chip_id, decision, note, reviewer, corrected))
+        self.drawn = None
         return self.retry()
 
     def retry(self) -> bool:
@@ -151,6 +185,7 @@ class ReviewWidget:
         panels: Callable[[str], Any] | None = None,
         basemap: bool = False,
         overlay_for: Callable[[str], str] | None = None,
+        legend: str = "",
     ) -> None:
         import ipyleaflet
         import ipywidgets as widgets
@@ -177,7 +212,15 @@ class ReviewWidget:
         self.noise_layer = ipyleaflet.ImageOverlay(url="", bounds=((0, 0), (0, 0)), name="label noise")
         self.map.add(self.footprint_layer)
         self.map.add(self.noise_layer)
+        shape = {"shapeOptions": {"color": "#00a0ff", "fillOpacity": 0.3}}
+        self.draw_control = ipyleaflet.DrawControl(polygon=shape, rectangle=shape, polyline={}, circlemarker={})
+        self.draw_control.on_draw(self._drawn)
+        self.map.add(self.draw_control)
         self.hover = widgets.HTML("hover a chip")
+        self.legend = widgets.HTML(
+            "label noise: <span style='color:#ff8c00'>■</span> missed, <span style='color:#dc00dc'>■</span> extra; "
+            f"draw a polygon or rectangle on the chip, then 'fix' takes it as the label<br>{legend}"
+        )
         self.status = widgets.HTML("")
         self.title = widgets.HTML("")
         self.side = widgets.Output(layout={"width": "520px"})
@@ -204,6 +247,7 @@ class ReviewWidget:
                 self.status,
                 widgets.HBox([self.show_footprints, self.show_noise]),
                 self.hover,
+                self.legend,
                 self.side,
             ]
         )
@@ -214,6 +258,14 @@ class ReviewWidget:
         """Show or hide a layer by adding it to or removing it from the map (ipyleaflet has no visibility flag)."""
         others = [existing for existing in self.map.layers if existing is not layer]
         self.map.layers = (*others, layer) if visible else tuple(others)
+
+    def _drawn(self, target: Any = None, action: str = "", geo_json: Mapping[str, Any] | None = None, **_: Any) -> None:
+        """The draw control's callback: the last polygon drawn (or edited) is the one a "fix" takes."""
+        if action in ("created", "edited") and geo_json:
+            self.session.draw(geo_json)
+        elif action == "deleted":
+            self.session.draw(None)
+        self.status.value = self.session.message
 
     def _hover(self, feature: Mapping[str, Any] | None = None, **_: Any) -> None:
         if feature:
@@ -249,6 +301,7 @@ class ReviewWidget:
         self.status.value = f'<span style="color:{colour}">{self.session.message}</span>'
         if saved:
             self.note.value = ""
+            self.draw_control.clear()
             self.show(self.session.next())
         return saved
 
@@ -263,6 +316,7 @@ def review_widget(params: Any, run_dir: Any, ranking: pd.DataFrame, basemap: boo
     from workbench.figures import chip_title, four_panel
     from workbench.infer.chips import load_predictions
     from workbench.io import read_json
+    from workbench.review.geometry import chip_grid, footprint_note, rasterize_drawn_polygon, store_pixel_size
     from workbench.review.maps import chip_footprints, noise_image, png_data_url
     from workbench.run import RunLayout
 
@@ -309,6 +363,19 @@ def review_widget(params: Any, run_dir: Any, ranking: pd.DataFrame, basemap: boo
         )  # fmt: skip
 
     ledger = Ledger.for_store(prepared.store, params.review.ledger)
-    session = ReviewSession(table, ledger, model_mask=model_mask)
+    pixel_size = store_pixel_size(prepared.store)
+
+    def polygon_label(chip_id: str, geometry: Mapping[str, Any]) -> np.ndarray:
+        grid = chip_grid(dict(by_id.loc[chip_id]), ledger.chip_shape, pixel_size)
+        return rasterize_drawn_polygon(geometry, grid, chip_id)
+
+    session = ReviewSession(table, ledger, model_mask=model_mask, polygon_label=polygon_label)
     size = int(ChipDataset(prepared.store, [0], bands=prepared.bands).read_raw(0)[1].shape[-1])
-    return ReviewWidget(session, chip_footprints(table, size), panels=panels, basemap=basemap, overlay_for=overlay)
+    return ReviewWidget(
+        session,
+        chip_footprints(table, size, pixel_size),
+        panels=panels,
+        basemap=basemap,
+        overlay_for=overlay,
+        legend=footprint_note(table),
+    )

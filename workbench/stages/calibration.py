@@ -16,8 +16,10 @@ import numpy as np
 import pandas as pd
 
 from workbench.data.dataset import ChipDataset
+from workbench.data.ledger import DROPPED_SPLIT
 from workbench.data.prepare import load_prepared
 from workbench.evaluate.calibration import Calibration, choose_threshold, choose_thresholds_by_group
+from workbench.evaluate.chips import label_corrected_table, raw_and_corrected_counts
 from workbench.evaluate.metrics import group_metrics
 from workbench.evaluate.scoring import (
     calibration_quality,
@@ -34,7 +36,7 @@ from workbench.evaluate.scoring import (
 from workbench.figures import plot_pr_curves_with_baseline, plot_reliability_grid
 from workbench.functional import MetricInputError
 from workbench.infer.chips import load_predictions
-from workbench.io import write_json_atomic, write_parquet_atomic
+from workbench.io import write_json_atomic, write_parquet_atomic, write_text_atomic
 from workbench.models.bundle import load_bundle
 from workbench.params import Params
 from workbench.run import CALIBRATION, RunLayout
@@ -54,16 +56,57 @@ def _scan_split(
     """One pass over a split's stored logits (see `workbench.evaluate.scoring.evaluate_predictions`)."""
 
     predictions = load_predictions(run_dir, split)
+    corrections, dropped = _ledger_view(prepared)
     return evaluate_predictions(
-        iter_label_logits(prepared.store, predictions),
+        iter_label_logits(prepared.store, predictions, corrections=corrections, skip=dropped),
         prepared.catalog,
         calibration=calibration,
         object_iou=params.evaluate.object_iou,
         max_sample=max_sample,
         seed=params.seed,
-        total=int(predictions.sizes["chip"]),
+        total=int(predictions.sizes["chip"]) - len(set(dropped) & set(predictions["chip_index"].values.tolist())),
         progress=params.train.progress_bar,
     )
+
+
+def _ledger_view(prepared: Any) -> tuple[dict[int, Path], list[int]]:
+    """Corrected labels and dropped store positions when a review ledger is applied (else none)."""
+    if prepared.ledger is None:
+        return {}, []
+    dropped = np.flatnonzero(prepared.catalog["split"].to_numpy() == DROPPED_SPLIT).tolist()
+    return dict(prepared.corrections), dropped
+
+
+def label_corrected_report(
+    params: Params, run_dir: Path, prepared: Any, calibration: Calibration, splits: list[str]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Raw against label-corrected metrics per split and region at the calibrated temperature and thresholds.
+
+    Written to diagnostics/label_corrected_calibrated.csv; the metrics are ``<split>.calibrated_iou_raw``,
+    ``<split>.calibrated_iou_corrected`` (the same as ``<split>.calibrated_iou`` of the corrected pass),
+    their F1 twins, and the numbers of dropped and fixed chips.
+    """
+    frames, metrics = [], {}
+    for split in splits:
+        counts = raw_and_corrected_counts(
+            prepared.store,
+            prepared.catalog,
+            load_predictions(run_dir, split),
+            prepared.corrections,
+            calibration.temperature,
+            calibration.threshold_for,
+        )
+        table = label_corrected_table(counts).assign(split=split)
+        frames.append(table)
+        overall = table.iloc[0]
+        for key in ("iou_raw", "iou_corrected", "f1_raw", "f1_corrected"):
+            metrics[f"{split}.calibrated_{key}"] = float(overall[key])
+        metrics[f"{split}.n_dropped"] = int(overall["n_dropped"])
+        metrics[f"{split}.n_fixed"] = int(overall["n_fixed"])
+    report = pd.concat(frames, ignore_index=True)
+    report = report[["split", *[c for c in report.columns if c != "split"]]]
+    write_text_atomic(RunLayout(run_dir).label_corrected_calibrated, report.to_csv(index=False))
+    return report, metrics
 
 
 def _choose_thresholds(params: Params, evaluation: Any, temperature: float) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -228,6 +271,13 @@ def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_samp
             metrics[f"val.tta_iou_{row['mode']}"] = float(row["iou"])
             metrics[f"val.tta_seconds_{row['mode']}"] = float(row["seconds"])
         tables["tta"] = tta
+
+    if prepared.ledger is not None:  # a review ledger applied: raw and label-corrected side by side
+        splits = list(dict.fromkeys([cfg.split, "test"]))
+        tables["label_corrected"], corrected_metrics = label_corrected_report(
+            params, run_dir, prepared, calibration, splits
+        )
+        metrics.update(corrected_metrics)
 
     write_stage_metrics(run_dir, CALIBRATION, metrics)
     result.metrics = metrics

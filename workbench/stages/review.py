@@ -21,6 +21,7 @@ from workbench.io import read_json, write_parquet_atomic, write_text_atomic
 from workbench.params import Params
 from workbench.review import ReviewChip, resolve_top_k, review_table, top_k_scores
 from workbench.review.annotators import annotator_masks_from_files, annotator_table
+from workbench.review.geometry import footprint_note, store_pixel_size
 from workbench.review.maps import chip_footprints, noise_image, png_data_url, review_map_html
 from workbench.review.ranking import order_columns
 from workbench.run import REVIEW, TRAINING, RunLayout
@@ -181,11 +182,14 @@ def run_review(params: Params, run_dir: Path) -> StageResult:
     chip_size = (
         int(ChipDataset(prepared.store, [0], bands=prepared.bands).read_raw(0)[1].shape[-1]) if len(catalog) else 0
     )
-    footprints = chip_footprints(table, chip_size)
+    footprints = chip_footprints(table, chip_size, store_pixel_size(prepared.store))
     layout.figures.mkdir(parents=True, exist_ok=True)
+    note = footprint_note(table)
     write_text_atomic(
         layout.review_map,
-        review_map_html(table, footprints, overlays, figure_urls, title=f"{params.experiment} review"),
+        review_map_html(
+            table, footprints, overlays, figure_urls, title=f"{params.experiment} review", footprint_note=note
+        ),
     )
     metrics["review.map"] = str(layout.review_map)
     write_stage_metrics(run_dir, REVIEW, metrics)

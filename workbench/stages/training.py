@@ -51,7 +51,15 @@ def evaluate_split(params: Params, run_dir: Path, split: str, threshold: float, 
         write_text_atomic(path, both.to_csv(index=False))
         pooled = pooled_metrics(table[~table["dropped"]])
         raw = pooled_metrics(table.assign(**{c: table[f"{c}_raw"] for c in ("tp", "fp", "fn", "tn")}))
-        return table, {**pooled, "iou_raw": raw["iou"], "n_dropped": int(table["dropped"].sum())}
+        return table, {
+            **pooled,
+            "iou_raw": raw["iou"],
+            "iou_corrected": pooled["iou"],
+            "f1_raw": raw["f1"],
+            "f1_corrected": pooled["f1"],
+            "n_dropped": int(table["dropped"].sum()),
+            "n_fixed": int(table["fixed"].sum()),
+        }
     return table, pooled_metrics(table)
 
 
@@ -147,6 +155,8 @@ def run_training(params: Params, run_dir: Path) -> StageResult:
             table, pooled = evaluate_split(params, run_dir, split, params.evaluate.threshold)
         result.tables[f"per_chip_{split}"] = table
         metrics.update({f"{split}.{key}": value for key, value in pooled.items()})
+    if prepared.ledger is not None and RunLayout(run_dir).label_corrected.is_file():
+        result.tables["label_corrected"] = pd.read_csv(RunLayout(run_dir).label_corrected)
     curves = RunLayout(run_dir).training_log
     warnings = [("learning rate", text) for text in lr_warnings]
     if curves.is_file():

@@ -121,6 +121,28 @@ def centre_lonlat(transform: Any, crs: Any, row: float, col: float, size_y: int,
     return float(lons[0]), float(lats[0])
 
 
+def chip_georeference(transform: Any, crs: Any, row: int, col: int, size_y: int, size_x: int) -> dict[str, Any]:
+    """Catalog columns placing a window exactly: `crs` (its text form) and the window's bounds in that CRS
+    (`x_min`, `y_min`, `x_max`, `y_max`); empty when the raster has no transform or CRS.
+
+    The review map draws a chip's footprint from them (`workbench.review.geometry`) and burns polygons drawn
+    on it onto the chip's pixels.
+    """
+    if transform is None or crs is None:
+        return {}
+    from rasterio.crs import CRS
+
+    corners = [transform @ (col + dx, row + dy) for dx in (0, size_x) for dy in (0, size_y)]
+    xs, ys = [float(x) for x, _ in corners], [float(y) for _, y in corners]
+    return {
+        "crs": CRS.from_user_input(crs).to_string(),
+        "x_min": min(xs),
+        "y_min": min(ys),
+        "x_max": max(xs),
+        "y_max": max(ys),
+    }
+
+
 def scene_chips(scene: Scene, chip_size: int | None, stride: int | None, source: str = "") -> Iterator[Chip]:
     """Cut a scene into chips (one chip when chip_size is None); ids gain `_r<row>_c<col>` when tiled."""
     height, width = scene.label.shape
@@ -141,7 +163,13 @@ def scene_chips(scene: Scene, chip_size: int | None, stride: int | None, source:
             year=scene.year,
             split=scene.split,
             source=source,
-            extra={"file": scene.file, "row": int(row), "col": int(col), **scene.extra},
+            extra={
+                "file": scene.file,
+                "row": int(row),
+                "col": int(col),
+                **chip_georeference(scene.transform, scene.crs, row, col, size, size),
+                **scene.extra,
+            },
             planes={name: plane[window] for name, plane in scene.planes.items()},
         )
 
