@@ -118,9 +118,9 @@ def test_per_chip_distribution_counts_and_marks():
     ax = fig.axes[0]
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert legend[0] == "calibrated (n=6, median 0.310)"
-    ticks = [line for line in ax.get_lines() if line.get_label() == "worst chips shown"][0]
+    ticks = next(line for line in ax.get_lines() if line.get_label() == "worst chips shown")
     np.testing.assert_allclose(ticks.get_xdata(), [0.05, 0.1])
-    heights = [patch for patch in ax.patches]
+    heights = list(ax.patches)
     assert heights  # the step histogram is drawn
     counts, _ = np.histogram(values[np.isfinite(values)], bins=np.linspace(0, 1, 11))
     step = heights[0].get_xy()  # step outline: the top edge of bin i is at y = counts[i]

@@ -112,7 +112,9 @@ def plot_per_chip_distribution(
         data = np.asarray(raw, dtype=np.float64)
         data = data[np.isfinite(data)]
         median = float(np.median(data)) if data.size else float("nan")
-        ax.hist(data, bins=edges, histtype="step", linewidth=1.5, label=f"{name} (n={data.size}, median {median:.3f})")
+        ax.hist(
+            data, bins=list(edges), histtype="step", linewidth=1.5, label=f"{name} (n={data.size}, median {median:.3f})"
+        )
     if marked is not None:
         ticks = np.asarray(marked, dtype=np.float64)
         ticks = ticks[np.isfinite(ticks)]

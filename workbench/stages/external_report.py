@@ -114,16 +114,17 @@ def write_external_figures(
     settings = _panel_settings(source_params if source_params.is_file() else None, band_map, store_bands)
     positions = {int(index): position for position, index in enumerate(predictions["chip_index"].values)}
     reader = ChipDataset(store, np.asarray(worst["store_index"], dtype=np.int64), bands=store_bands)
-    for rank, (position, row) in enumerate(zip(range(len(worst)), worst.itertuples(index=False)), start=1):
+    records = worst.to_dict(orient="records")
+    for rank, (position, row) in enumerate(zip(range(len(worst)), records, strict=True), start=1):
         image, label, valid = reader.read_raw(position)
-        logit = np.asarray(predictions["logit"][positions[int(row.store_index)]].values, dtype=np.float32)
+        logit = np.asarray(predictions["logit"][positions[int(row["store_index"])]].values, dtype=np.float32)
         prob = 1.0 / (1.0 + np.exp(-logit.reshape(label.shape) / temperature))
-        title = f"{row.chip_id} · worst {rank} of {len(calibrated)} · IoU {row.iou:.3f}"
+        title = f"{row['chip_id']} · worst {rank} of {len(calibrated)} · IoU {float(row['iou']):.3f}"
         kwargs = dict(settings)
         try:
             fig = four_panel(image, store_bands, label, prob, valid, title, threshold=threshold, **kwargs)
         except FigureInputError:  # the index needs bands this store lacks: show the model's probability
             kwargs["index"] = "none"
             fig = four_panel(image, store_bands, label, prob, valid, title, threshold=threshold, **kwargs)
-        save(fig, worst_figure_name(rank, str(row.chip_id)))
+        save(fig, worst_figure_name(rank, str(row["chip_id"])))
     return written
