@@ -90,10 +90,34 @@ def test_clouds_train_on_landsat7_and_score_every_landsat5_chip(name: str, share
     assert scored["iou"] == pytest.approx(
         json.loads(RunLayout(external_run).metrics.read_text())["test.calibrated.iou"]
     )
+    if name == "samples_clouds":  # the 38-Cloud patch through its own reader, scored by the same model
+        _score_38cloud(run_dir, shared_data, tmp_path)
     # the row split written at ingest: train, val and test are row bands of the Landsat 7 scene
     catalog = pd.read_parquet(RunLayout(run_dir).catalog)
     rows = catalog.groupby("split")["row"].agg(["min", "max"])
     assert rows.loc["train", "max"] < rows.loc["val", "min"] <= rows.loc["val", "max"] < rows.loc["test", "min"]
+
+
+def _score_38cloud(run_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    """Ingest the 38-Cloud patch (Landsat 8 digital numbers) and score it with store statistics."""
+    import rasterio
+
+    from workbench.data.ingest import ingest
+
+    sample = shared_data / "38cloud-sample" / "sample"
+    ingest("cloud38", sample, tmp_path / "c38", chip_size=64, progress=False)
+    reports = tmp_path / "reports"
+    args = ["evaluate", str(run_dir), str(tmp_path / "c38"), "--reports", str(reports), "--normalize", "store"]
+    assert main(args) == 0
+    (external,) = [p for p in (reports / run_dir.parent.name).iterdir() if p.name.endswith("external-c38")]
+    info = json.loads((external / "run.json").read_text())
+    assert info["bands"] == {"Red": "red", "Green": "green", "Blue": "blue", "NIR": "nir"}
+    assert info["normalize"] == "store"
+    with rasterio.open(next(sample.glob("gt_patch_*.TIF"))) as gt:
+        cloud = gt.read(1) == 255
+    assert abs(cloud.mean() - 0.307) < 0.001  # the sample's documented cloud fraction
+    table = pd.read_parquet(RunLayout(external).per_chip("test"))
+    assert len(table) == (384 // 64) ** 2 and int((table["tp"] + table["fn"]).sum()) == int(cloud.sum())
 
 
 @pytest.mark.slow
