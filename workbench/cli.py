@@ -130,8 +130,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from workbench.stages.external import evaluate_external
 
     run_dir, metrics = evaluate_external(
-        args.model, args.store, parse_band_map(args.bands), reports=args.reports, tta=args.tta
+        args.model,
+        args.store,
+        parse_band_map(args.bands),
+        reports=args.reports,
+        tta=args.tta,
+        n_worst=args.worst,
+        normalize=args.normalize,
     )
+    from workbench.report_pages import write_reports_index
+
+    write_reports_index(args.reports)  # the evaluation's landing page (figures, metrics) and the runs index
     print(f"external evaluation: {run_dir}")
     for key in ("test.raw.iou", "test.calibrated.iou", "test.calibrated.f1", "calibration.ece_after"):
         if key in metrics:
@@ -290,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bands", help="MODEL=STORE band pairs, comma separated (aliases are matched already)")
     evaluate.add_argument("--reports", default="reports")
     evaluate.add_argument("--tta", default="none", choices=["none", "minimal", "standard", "full"])
+    evaluate.add_argument("--worst", type=int, default=6, help="four-panel figures of the N lowest-IoU chips (6)")
+    evaluate.add_argument(
+        "--normalize",
+        default="model",
+        choices=["model", "store"],
+        help="model: the source run's train statistics (default); store: the same method on this store's chips",
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser(

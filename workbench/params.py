@@ -153,11 +153,30 @@ class AugmentConfig(StrictModel):
     soft_label_value: float = Field(0.05, ge=0, le=0.5)
 
 
+class IngestConfig(StrictModel):
+    """Raw data in an external format that the run ingests into `data.store` (data.source=ingest).
+
+    Paths (`src` and the reader options `labels` / `images`) are taken from the project root; the store is
+    written once and reused while its recorded format, source and tiling match these values.
+    """
+
+    format: str = Field(description="a `workbench ingest` format, e.g. ukis-csmask, cloud38, vector, terramesh")
+    src: Path = Field(description="the raw data (file or folder), relative to the project root or absolute")
+    chip_size: int | None = Field(None, ge=8, description="tile rasters into chips of this size")
+    stride: int | None = Field(None, ge=1)
+    split: str | None = Field(None, description="split method written at ingest (random, source, rows, ...)")
+    split_options: dict[str, Any] = Field(default_factory=dict, description="options of that split method")
+    options: dict[str, Any] = Field(default_factory=dict, description="the reader's options (--option key=value)")
+
+
 class DataParams(StrictModel):
     """Where the chips come from and how they are fed to the model."""
 
-    source: Literal["synthetic", "store"] = "synthetic"
-    store: Path = Field(Path("data-cache/demo"), description="chip store directory (created for source=synthetic)")
+    source: Literal["synthetic", "store", "ingest"] = "synthetic"
+    store: Path = Field(
+        Path("data-cache/demo"), description="chip store directory (created for source=synthetic / ingest)"
+    )
+    ingest: IngestConfig | None = Field(None, description="raw data ingested into `store` when source=ingest")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     bands: list[str] | None = Field(None, description="band subset fed to the model; default: all bands")
     rgb_bands: tuple[str, str, str] = ("B04", "B03", "B02")
@@ -385,6 +404,13 @@ class TrainParams(StrictModel):
 # --------------------------------------------------------------------------- evaluate / calibrate / review
 
 
+class ExternalStore(StrictModel):
+    """An external test store that the run ingests first when it does not exist (see IngestConfig)."""
+
+    store: Path
+    ingest: IngestConfig
+
+
 class EvaluateParams(StrictModel):
     threshold: float = Field(0.5, gt=0, lt=1)
     tta: Literal["none", "minimal", "standard", "full"] = "none"
@@ -392,8 +418,10 @@ class EvaluateParams(StrictModel):
     object_iou: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.1])
     sweep_thresholds: list[float] = Field(default_factory=lambda: [round(0.1 + 0.05 * i, 2) for i in range(17)])
     histogram_bins: int = Field(1000, ge=10)
-    external: list[Path] = Field(
-        default_factory=list, description="other chip stores the run's model is scored on after calibration"
+    external: list[Path | ExternalStore] = Field(
+        default_factory=list,
+        description="other chip stores the run's model is scored on after calibration: a store path, or "
+        "{store: PATH, ingest: {format, src, ...}} to ingest raw data into PATH first",
     )
 
 
@@ -481,6 +509,12 @@ class Params(StrictModel):
         if set(value) <= {"."}:
             raise ValueError("experiment must name something")
         return value
+
+    @model_validator(mode="after")
+    def _ingest_given(self) -> Params:
+        if self.data.source == "ingest" and self.data.ingest is None:
+            raise ValueError("data.source=ingest needs data.ingest: {format: ..., src: ...} naming the raw data")
+        return self
 
     @model_validator(mode="after")
     def _split_percent_sum(self) -> Params:

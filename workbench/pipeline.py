@@ -51,7 +51,7 @@ from workbench.runstatus import (
     run_alive,
     stop_on_signals,
 )
-from workbench.stages.external import evaluate_external
+from workbench.stages.external import evaluate_external, external_store
 from workbench.tracking import finish_tracking, track_stage
 from workbench.train.launch import train_run
 
@@ -464,7 +464,8 @@ def score_external_stores(params: Any, run_dir: Path, reports: Path) -> list[dic
     """Score the run's (calibrated) model on each `evaluate.external` store; one linked run per store."""
 
     done = []
-    for store in params.evaluate.external:
+    for entry in params.evaluate.external:
+        store = external_store(entry)
         external_dir, metrics = evaluate_external(run_dir, store, reports=reports, tta=params.evaluate.tta)
         done.append({"store": str(store), "run_dir": str(external_dir), "iou": metrics.get("test.calibrated.iou")})
     return done

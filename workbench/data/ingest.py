@@ -31,7 +31,7 @@ from workbench.data.sources.sen1floods11 import read_sen1floods11
 from workbench.data.sources.terramesh import read_terramesh
 from workbench.data.sources.vector import read_vector
 from workbench.data.store import Chip, StoreWriter
-from workbench.params import SplitConfig
+from workbench.params import IngestConfig, SplitConfig
 
 Reader = Callable[..., Source]
 
@@ -194,3 +194,58 @@ def write_split(store: Path, cfg: SplitConfig) -> None:
     chip_size = int(read_store_meta(store)["chip_size"][0])
     catalog["split"] = assign_splits(catalog, cfg, chip_size=chip_size).to_numpy()
     write_parquet_atomic(Path(store) / "catalog.parquet", catalog)
+
+
+PATH_OPTIONS = ("labels", "images")  # reader options that name files, taken from the project root
+
+
+def _rooted(value: Any, root: Path) -> Any:
+    """A relative path (or each of a list of them) joined to `root`; other values unchanged."""
+    if isinstance(value, str | Path):
+        return str(value) if Path(value).is_absolute() else str(root / value)
+    if isinstance(value, list | tuple):
+        return [_rooted(item, root) for item in value]
+    return value
+
+
+def ensure_ingested(cfg: IngestConfig, store: Path, root: Path | None = None, progress: bool = True) -> Path:
+    """The store at `store`, ingested from `cfg` (data.ingest) when it does not exist yet.
+
+    An existing store is reused when it records the same format, source and tiling; otherwise the run
+    stops with the difference and the fix, so a parameter change never reads chips of other data.
+    """
+    from workbench.data.store import read_store_meta
+
+    base = Path.cwd() if root is None else Path(root)
+    src = cfg.src if cfg.src.is_absolute() else (base / cfg.src)
+    wanted = {"format": cfg.format, "src": str(src.resolve()), "chip_size": cfg.chip_size, "stride": cfg.stride}
+    if (Path(store) / "catalog.parquet").is_file():
+        attrs = read_store_meta(store).get("attrs", {})
+        found = {key: attrs.get(key) for key in wanted}
+        if found["src"] is not None:
+            found["src"] = str(Path(found["src"]).resolve())
+        if found != wanted:
+            changed = {key: (found[key], wanted[key]) for key in wanted if found[key] != wanted[key]}
+            raise ValueError(
+                f"store {store} was ingested from other data than data.ingest asks for ({changed}, as "
+                "(store, parameters)); point data.store at a new folder or delete the old store"
+            )
+        return Path(store)
+    if not src.exists():
+        raise FileNotFoundError(
+            f"data.ingest.src {src} does not exist; download the data there or set data.ingest.src (a path from "
+            "the project root or an absolute one)"
+        )
+    options = {key: _rooted(value, base) if key in PATH_OPTIONS else value for key, value in cfg.options.items()}
+    ingest(
+        cfg.format,
+        src.resolve(),
+        Path(store),
+        chip_size=cfg.chip_size,
+        stride=cfg.stride,
+        progress=progress,
+        split=cfg.split,
+        split_options=cfg.split_options or None,
+        **options,
+    )
+    return Path(store)

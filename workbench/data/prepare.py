@@ -44,10 +44,14 @@ def resolve_path(path: Path, root: Path | None = None) -> Path:
 
 
 def ensure_store(cfg: DataParams, root: Path | None = None) -> Path:
-    """The chip store of `cfg`: generated for the synthetic source, checked for an existing store."""
+    """The chip store of `cfg`: generated for the synthetic source, ingested from data.ingest, else checked."""
     store = resolve_path(cfg.store, root)
     if cfg.source == "synthetic":
         return Path(ensure_synthetic_store(store, cfg.synthetic))
+    if cfg.source == "ingest" and cfg.ingest is not None:
+        from workbench.data.ingest import ensure_ingested
+
+        return ensure_ingested(cfg.ingest, store, root)
     read_store_meta(store)  # raises a clear error when the store is missing
     return store
 

@@ -21,6 +21,7 @@ from workbench.figures.base import (
     save_figure,
 )
 from workbench.figures.calibration import (
+    plot_per_chip_distribution,
     plot_pr_curves,
     plot_pr_curves_with_baseline,
     plot_reliability,
@@ -59,6 +60,7 @@ __all__ = [
     "four_panel_filename",
     "pick_gallery_chips",
     "plot_class_reliability",
+    "plot_per_chip_distribution",
     "plot_pr_curves",
     "plot_pr_curves_with_baseline",
     "plot_reliability",

@@ -98,3 +98,31 @@ def plot_pr_curves_with_baseline(
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def plot_per_chip_distribution(
+    values: Mapping[str, ArrayLike], column: str = "iou", marked: ArrayLike | None = None, bins: int = 20
+) -> Figure:
+    """Histogram of a per-chip score (e.g. IoU) for one or more tables; `marked` values (the worst chips
+    shown elsewhere) are drawn as ticks under the axis, NaN (no positive pixel anywhere) left out."""
+    fig = Figure(figsize=(5.5, 4.0))
+    ax = fig.subplots()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for name, raw in values.items():
+        data = np.asarray(raw, dtype=np.float64)
+        data = data[np.isfinite(data)]
+        median = float(np.median(data)) if data.size else float("nan")
+        ax.hist(
+            data, bins=list(edges), histtype="step", linewidth=1.5, label=f"{name} (n={data.size}, median {median:.3f})"
+        )
+    if marked is not None:
+        ticks = np.asarray(marked, dtype=np.float64)
+        ticks = ticks[np.isfinite(ticks)]
+        ax.plot(ticks, np.zeros_like(ticks), "|", color="crimson", markersize=14, label="worst chips shown")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"per-chip {column}")
+    ax.set_ylabel("chips")
+    ax.set_title(f"Per-chip {column} distribution")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig

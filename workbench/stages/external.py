@@ -22,13 +22,25 @@ import numpy as np
 import pandas as pd
 
 from workbench.io import write_json_atomic, write_parquet_atomic
+from workbench.params import ExternalStore
 from workbench.run import RunLayout, new_run_id
+from workbench.stages.external_report import WORST_CHIP_FIGURES, write_external_figures
 
 EXTERNAL_SPLIT = "test"
 
 
 class ExternalStoreError(ValueError):
     """The store cannot be scored with this model (other chip size, no labels); the message says why."""
+
+
+def external_store(entry: Path | ExternalStore, root: Path | None = None) -> Path:
+    """The store of one `evaluate.external` entry, ingested first when the entry names raw data."""
+    from workbench.data.ingest import ensure_ingested
+    from workbench.data.prepare import resolve_path
+
+    if isinstance(entry, ExternalStore):
+        return ensure_ingested(entry.ingest, resolve_path(entry.store, root), root)
+    return resolve_path(Path(entry), root)
 
 
 def resolve_model_dir(model_or_run: str | Path) -> tuple[Path, Path | None]:
@@ -50,8 +62,16 @@ def evaluate_external(
     batch_size: int = 16,
     tta: str = "none",
     progress: bool = False,
+    n_worst: int = WORST_CHIP_FIGURES,
+    normalize: str = "model",
 ) -> tuple[Path, dict[str, Any]]:
-    """Score the model on every chip of `store`; returns the new run directory and its metrics."""
+    """Score the model on every chip of `store`; returns the new run directory and its metrics.
+
+    Besides metrics and tables the run gets the evaluation figures and a four-panel of each of the `n_worst`
+    chips with the lowest calibrated IoU (`workbench.stages.external_report`). `normalize="store"` computes the
+    model's normalisation method afresh over this store's chips (for data in other units, e.g. digital numbers
+    against a model trained on reflectance); the default uses the source run's train-split statistics.
+    """
     from workbench.data.bands import match_bands
     from workbench.data.dataset import ChipDataset
     from workbench.data.store import read_catalog, read_store_meta
@@ -84,6 +104,10 @@ def evaluate_external(
     layout.data.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(layout.catalog, catalog)
     normalizer = dataclasses.replace(bundle.normalization, bands=list(chosen))
+    if normalize == "store":
+        normalizer = _store_stats(store, catalog, list(chosen), normalizer)
+    elif normalize != "model":
+        raise ValueError(f"normalize must be 'model' or 'store', got {normalize!r}")
     normalizer.save(layout.normalization_stats)
     if source_run is not None and (source_run / "params.yaml").is_file():
         shutil.copyfile(source_run / "params.yaml", layout.root / "source_params.yaml")
@@ -102,13 +126,27 @@ def evaluate_external(
     calibrated = tables["calibrated"]
     write_parquet_atomic(layout.per_chip(EXTERNAL_SPLIT), calibrated)
     logits, targets = _pixel_sample(store, predictions)
+    reliability = None
     if targets.size:
-        quality, _ = calibration_quality(logits, targets, bundle.temperature)
+        quality, reliability = calibration_quality(logits, targets, bundle.temperature)
         metrics.update({f"calibration.{k}": v for k, v in quality.items()})
     metrics["calibration.temperature"] = bundle.temperature
     metrics["calibration.threshold"] = bundle.threshold
     worst = calibrated.sort_values("iou").head(10)
     write_parquet_atomic(layout.diagnostic("external_worst_chips.parquet"), worst)
+    figures = write_external_figures(
+        layout,
+        store,
+        tables,
+        predictions,
+        reliability,
+        logits,
+        targets,
+        bundle.temperature,
+        bundle.threshold,
+        dict(zip(bundle.bands, chosen)),
+        n_worst=n_worst,
+    )
     write_json_atomic(layout.metrics, metrics)
     write_json_atomic(
         layout.info,
@@ -122,10 +160,28 @@ def evaluate_external(
             "model_dir": str(model_dir.resolve()),
             "store": str(store),
             "bands": dict(zip(bundle.bands, chosen)),
+            "normalize": normalize,
+            "figures": {name: str(path.relative_to(layout.root)) for name, path in figures.items()},
             "notebooks": {},
         },
     )
     return layout.root, metrics
+
+
+def _store_stats(store: Path, catalog: pd.DataFrame, bands: list[str], like: Any) -> Any:
+    """The normalisation method of `like` (the model's), computed over every chip of `store`."""
+    from workbench.data.normalize import compute_stats
+    from workbench.data.store import open_store
+
+    percentiles = tuple(like.percentiles) if like.percentiles else (1.0, 99.0)
+    return compute_stats(
+        open_store(store, catalog=catalog, dask=False),
+        np.arange(len(catalog)),
+        bands=bands,
+        method=like.method,
+        percentiles=percentiles,
+        progress=False,
+    )
 
 
 def _source_chip_size(source_run: Path | None) -> int | None:
