@@ -1,12 +1,14 @@
 """End to end in headless Chromium: a notebook in JupyterLab as a researcher uses it, and the offline reports.
 
 One tiny demo run (48 chips of 32 px) is made by the pipeline (notebook 01 executed by papermill, HTML
-report, map, index and landing page); JupyterLab is then opened on that run. Screenshots are written to
-reports/browser/ for a look.
+report, map, index and landing page); JupyterLab is then opened on that run. A second tiny run is taken
+through stages 01-03 in this process (seconds, no kernels) so that notebook 04 can be opened on it and its
+review map driven. Screenshots are written to reports/browser/ for a look.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +28,11 @@ from harness import (
     widget,
 )
 
+from workbench.data.ledger import Ledger, ledger_path
 from workbench.params import dump_params
 from workbench.pipeline import run_pipeline
-from workbench.run import DATA_AUDIT, RunLayout, index_file
+from workbench.run import DATA_AUDIT, REVIEW, RunLayout, index_file
+from workbench.stages import run_calibration, run_data_audit, run_training
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -44,6 +48,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> RunLayout:
     dump_params(tiny_demo_params(base / "store"), params_file)
     result = run_pipeline(params_file, reports=base / "reports", notebooks=[DATA_AUDIT.notebook], progress=False)
     return RunLayout(result.run_dir)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> RunLayout:
+    """A demo run of 48 chips through data audit, training and calibration: ready for notebook 04."""
+    base = tmp_path_factory.mktemp("review")
+    params = tiny_demo_params(base / "store")
+    layout = RunLayout.at(base / "reports", params.experiment, "trained")
+    layout.root.mkdir(parents=True)
+    layout.freeze_params(params)
+    run_data_audit(params, layout.root, progress=False)
+    run_training(params, layout.root)
+    run_calibration(params, layout.root)
+    return layout
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +153,69 @@ def test_reports_open_from_files_without_internet_and_render_maps_and_widgets(
         context.close()
     assert attempted == [], f"requests that would leave the machine: {attempted}"
     assert failed == []
+
+
+def test_notebook_04_review_map_records_a_decision_for_the_top_chip_in_the_ledger(
+    trained_run: RunLayout, browser: Any, tmp_path: Path
+) -> None:
+    params = trained_run.frozen_params()
+    assert params is not None
+    store = params.data.store
+    ledger_file = ledger_path(store)
+    assert not ledger_file.exists()  # no decision taken on this store yet
+    root = tmp_path / "lab"
+    shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("*.ipynb"))
+    with jupyter_lab(root, run_dir=trained_run.root, log=tmp_path / "lab.log") as url:
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        attempted = block_remote_requests(context)
+        page = context.new_page()
+        try:
+            open_notebook(page, url, f"notebooks/{REVIEW.notebook}.py")
+            run_all_cells(page)
+            assert error_outputs(page) == []
+            ranking = pd.read_parquet(trained_run.review_ranking)  # written by the notebook's run_review
+            top = str(ranking.sort_values("rank")["chip_id"].iloc[0])
+
+            review_map = page.locator(".workbench-review-map")
+            review_map.scroll_into_view_if_needed()
+            footprints = review_map.locator(".leaflet-overlay-pane path.leaflet-interactive")
+            page.wait_for_function(
+                "([map, n]) => map.querySelectorAll('.leaflet-overlay-pane path.leaflet-interactive').length === n"
+                " && [...map.querySelectorAll('img.leaflet-image-layer')].some((img) => img.complete"
+                " && img.naturalWidth > 0 && img.src.startsWith('data:image/png'))",
+                arg=[review_map.element_handle(), len(ranking)],
+            )
+            assert footprints.count() == len(ranking)  # one footprint polygon per ranked chip
+            # the map is centred on the top chip, its label-noise image large enough to read, inside the map
+            frame = review_map.locator(".leaflet-container").bounding_box()
+            noise = review_map.locator("img.leaflet-image-layer").first.bounding_box()
+            assert frame is not None and noise is not None and noise["width"] > 40 and noise["height"] > 40
+            assert frame["x"] < noise["x"] < noise["x"] + noise["width"] < frame["x"] + frame["width"]
+            assert frame["y"] < noise["y"] < noise["y"] + noise["height"] < frame["y"] + frame["height"]
+            panels = review_map.locator(".workbench-review-panels img")  # the chip's four-panel figure
+            page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=panels.element_handle())
+            assert "Figure size" not in review_map.inner_text()
+            title = review_map.locator(".workbench-review-title")
+            assert title.inner_text().startswith(f"{top} · rank 1 ")
+            review_map.screenshot(path=str(SCREENSHOTS / "lab-04-review-map.png"))
+
+            review_map.locator(".workbench-review-reviewer input").fill("browser test")
+            review_map.locator(".workbench-review-decision-drop").click()
+            status = review_map.locator(".workbench-review-status")
+            status.get_by_text(f"saved: {top} → drop").wait_for()
+            page.wait_for_function(  # the map moved on to the second chip of the ranking
+                "(title) => title.textContent.includes(' · rank 2 ')", arg=title.element_handle()
+            )
+            review_map.screenshot(path=str(SCREENSHOTS / "lab-04-review-map-after-drop.png"))
+            page.screenshot(path=str(SCREENSHOTS / "lab-04-label-noise-review.png"))
+        finally:
+            context.close()
+    assert attempted == [], f"requests that would leave the machine: {attempted}"
+
+    lines = ledger_file.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2  # the header naming the store, and exactly one decision
+    entry = json.loads(lines[1])
+    assert (entry["chip_id"], entry["decision"], entry["reviewer"]) == (top, "drop", "browser test")
+    assert Ledger.for_store(store).dropped() == {top}  # what later runs will apply
+    script = f"notebooks/{REVIEW.notebook}.py"
+    assert (root / script).read_text() == (ROOT / script).read_text()

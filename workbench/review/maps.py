@@ -7,6 +7,7 @@
   (missed pixels, labelled but not predicted, in orange; extra pixels, predicted but not labelled, in
   magenta), and `png_data_url` to inline it;
 * `score_colour`: the colour of a score on the ranking's scale;
+* `fit_zoom`: the web-map zoom level at which given bounds fill a map of a given size in pixels;
 * `review_map_html`: one self-contained HTML file (inline SVG, CSS and a few lines of script, no CDN or
   network) with the footprints coloured by score, hover titles with chip id and score, the noise images
   as a layer, layer check boxes that toggle, and a side panel that shows a clicked chip's figure.
@@ -61,6 +62,27 @@ def score_colour(score: float, low: float, high: float) -> str:
     t = 0.0 if high <= low else min(max((score - low) / (high - low), 0.0), 1.0)
     red, green, blue = 255, round(230 * (1 - t) + 20 * t), round(80 * (1 - t))
     return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+def fit_zoom(
+    south: float, west: float, north: float, east: float, width_px: int, height_px: int, max_zoom: int = 18
+) -> int:
+    """The largest web-Mercator zoom level (256 px tiles) at which the bounds fit a `width_px` x `height_px` map.
+
+    Computed here rather than left to the map (ipyleaflet's `fit_bounds` waits for the browser to report
+    the map's bounds, and does nothing for a map not yet shown).
+    """
+
+    def mercator_y(lat: float) -> float:  # 0 at the north edge of the world, 1 at the south edge
+        lat = min(max(lat, -85.05112878), 85.05112878)
+        return 0.5 - math.log(math.tan(math.pi / 4 + math.radians(lat) / 2)) / (2 * math.pi)
+
+    span_x = abs(east - west) / 360.0
+    span_y = abs(mercator_y(south) - mercator_y(north))
+    zooms = [math.log2(size / (256.0 * span)) for size, span in ((width_px, span_x), (height_px, span_y)) if span > 0]
+    if not zooms:
+        return max_zoom
+    return int(min(max(math.floor(min(zooms) + 1e-6), 0), max_zoom))  # 1e-6: exact fits stay exact
 
 
 def review_map_html(

@@ -17,6 +17,7 @@ The only review module that imports ipywidgets, ipyleaflet and leafmap (and only
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,27 @@ import numpy as np
 import pandas as pd
 
 from workbench.data.ledger import DECISIONS, Ledger, LedgerError
+
+MAP_SIZE_PX = 560  # the map is square; its zoom levels are computed for this size
+SIDE_WIDTH_PX = 520  # the side panel with the chip's four-panel figure
+CONTEXT = 5.0  # the map shows this many chip widths around the chip under review
+
+
+def as_image(panel: Any, width: int) -> Any:
+    """A matplotlib Figure as an inline PNG image `width` pixels wide; anything else unchanged.
+
+    The workbench's figures are plain `Figure` objects, which IPython would show as their repr
+    (``<Figure size ... with 4 Axes>``) inside a widget's output area.
+    """
+    from matplotlib.figure import Figure
+
+    if not isinstance(panel, Figure):
+        return panel
+    from IPython.display import Image
+
+    buffer = io.BytesIO()
+    panel.savefig(buffer, format="png", dpi=100)
+    return Image(data=buffer.getvalue(), format="png", width=width)
 
 
 @dataclass
@@ -196,12 +218,19 @@ class ReviewWidget:
         self.overlays = dict(overlays or {})
         self.panels = panels
         self.overlay_for = overlay_for  # chip id -> PNG data URL of its noise image, computed when first shown
+        from workbench.review.maps import fit_zoom
+
         points = np.array([p for ring in footprints for p in ring])
         south, west, north, east = points[:, 1].min(), points[:, 0].min(), points[:, 1].max(), points[:, 0].max()
-        self.map = leafmap.Map(center=((south + north) / 2, (west + east) / 2), zoom=10, draw_control=False)
+        zoom = fit_zoom(south, west, north, east, MAP_SIZE_PX, MAP_SIZE_PX)
+        self.map = leafmap.Map(
+            center=((south + north) / 2, (west + east) / 2),
+            zoom=zoom,
+            draw_control=False,
+            layout={"width": f"{MAP_SIZE_PX}px", "height": f"{MAP_SIZE_PX}px"},
+        )
         if not basemap:  # offline: no tile requests
             self.map.layers = tuple(x for x in self.map.layers if not isinstance(x, ipyleaflet.TileLayer))
-        self.map.fit_bounds([[float(south), float(west)], [float(north), float(east)]])
         self.footprint_layer = ipyleaflet.GeoJSON(
             data=footprint_geojson(session.table, footprints),
             hover_style={"weight": 3, "fillOpacity": 0.85},
@@ -223,7 +252,7 @@ class ReviewWidget:
         )
         self.status = widgets.HTML("")
         self.title = widgets.HTML("")
-        self.side = widgets.Output(layout={"width": "520px"})
+        self.side = widgets.Output(layout={"width": f"{SIDE_WIDTH_PX}px"})
         self.show_footprints = widgets.Checkbox(value=True, description="chip footprints")
         self.show_noise = widgets.Checkbox(value=True, description="label noise")
         self.show_footprints.observe(lambda change: self._toggle(self.footprint_layer, change["new"]), "value")
@@ -252,6 +281,14 @@ class ReviewWidget:
             ]
         )
         self.widget = widgets.HBox([self.map, controls])
+        # stable CSS classes, so a page (or a browser test) can find the parts without relying on layout
+        self.widget.add_class("workbench-review-map")
+        parts = ((self.title, "title"), (self.status, "status"), (self.note, "note"), (self.side, "panels"))
+        for part, name in parts:
+            part.add_class(f"workbench-review-{name}")
+        self.reviewer.add_class("workbench-review-reviewer")
+        for name, button in self.buttons.items():
+            button.add_class(f"workbench-review-decision-{name}")
         self.show(self.session.chip_id)
 
     def _toggle(self, layer: Any, visible: bool) -> None:
@@ -282,6 +319,7 @@ class ReviewWidget:
         self.title.value = f"<b>{chip_id}</b> · rank {int(row['rank'])} · score {float(row['score']):.3f}"
         ring = self.footprints[chip_id]
         lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+        self.zoom_to(min(lats), min(lons), max(lats), max(lons))
         if chip_id not in self.overlays and self.overlay_for is not None:
             self.overlays[chip_id] = self.overlay_for(chip_id)
         if chip_id in self.overlays:
@@ -292,7 +330,21 @@ class ReviewWidget:
             with self.side:
                 from IPython.display import display
 
-                display(self.panels(chip_id))
+                display(as_image(self.panels(chip_id), width=SIDE_WIDTH_PX - 10))
+
+    def zoom_to(self, south: float, west: float, north: float, east: float) -> None:
+        """Centre the map on a chip's bounds, zoomed so that the chip and some of its surroundings show.
+
+        Chip footprints are far smaller than the area a store covers: at the zoom that shows every chip, a
+        chip and its label-noise image are a few pixels, so the map follows the chip under review.
+        """
+        from workbench.review.maps import fit_zoom
+
+        lat, lon = (south + north) / 2, (west + east) / 2
+        half_lat, half_lon = (north - south) * CONTEXT / 2, (east - west) * CONTEXT / 2
+        zoom = fit_zoom(lat - half_lat, lon - half_lon, lat + half_lat, lon + half_lon, MAP_SIZE_PX, MAP_SIZE_PX)
+        self.map.center = (lat, lon)
+        self.map.zoom = zoom
 
     def decide(self, decision: str) -> bool:
         """A decision button: record it for the current chip, show the outcome, move on when saved."""
