@@ -97,7 +97,11 @@ def export_html(notebook_path: Path) -> Path:
 
 
 def failing_cell(notebook_path: Path) -> tuple[int | None, int | None]:
-    """(index, execution count) of the last cell papermill started in a partly executed notebook."""
+    """(index, execution count) of the last cell papermill started in a partly executed notebook.
+
+    A code cell whose kernel died before numbering it gets the number it would have had: one more
+    than the last numbered cell before it (the kernel numbers the cells it executes in order).
+    """
     import nbformat
 
     try:
@@ -109,7 +113,13 @@ def failing_cell(notebook_path: Path) -> tuple[int | None, int | None]:
         for index, cell in enumerate(notebook.cells)
         if cell.get("metadata", {}).get("papermill", {}).get("start_time")
     ]
-    return started[-1] if started else (None, None)
+    if not started:
+        return None, None
+    index, count = started[-1]
+    if count is None and notebook.cells[index].get("cell_type") == "code":
+        numbered = [number for _, number in started[:-1] if isinstance(number, int)]
+        count = max(numbered, default=0) + 1
+    return index, count
 
 
 def execute_notebook(

@@ -195,3 +195,27 @@ def test_a_running_run_whose_process_is_alive_is_left_running(tmp_path: Path) ->
         for name in ("alive", "gone", "reused", "elsewhere")
     }
     assert status == {"alive": "running", "gone": "killed", "reused": "killed", "elsewhere": "running"}
+
+
+def test_the_cell_a_kernel_died_in_is_numbered_even_before_the_kernel_numbered_it(tmp_path: Path) -> None:
+    import nbformat
+
+    def started(cell: nbformat.NotebookNode, count: int | None) -> nbformat.NotebookNode:
+        cell.metadata["papermill"] = {"start_time": "2026-01-01T00:00:00"}
+        if cell.cell_type == "code":
+            cell.execution_count = count
+        return cell
+
+    v4 = nbformat.v4
+    cells = [started(v4.new_markdown_cell("# title"), None), started(v4.new_code_cell("a = 1"), 1)]
+    cells += [started(v4.new_code_cell("b = 2"), None), v4.new_code_cell("c = 3")]  # died in the third cell
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(v4.new_notebook(cells=cells), path)
+    assert pipeline.failing_cell(path) == (2, 2)
+    cells[2].execution_count = 2
+    cells[3] = started(cells[3], 3)
+    nbformat.write(v4.new_notebook(cells=cells), path)
+    assert pipeline.failing_cell(path) == (3, 3)  # numbered by the kernel: kept
+    nbformat.write(v4.new_notebook(cells=[cells[0]]), path)
+    assert pipeline.failing_cell(path) == (0, None)  # a markdown cell has no number
+    assert pipeline.failing_cell(tmp_path / "missing.ipynb") == (None, None)
