@@ -444,8 +444,12 @@ class ReviewParams(StrictModel):
     prefilter_min_iou: float = Field(0.20, ge=0, le=1)
     prefilter_max_ratio: float = Field(3.0, gt=0)
     prefilter_empty_max_water: float = Field(0.05, ge=0, le=1)
-    model_weight: float = Field(1.0, ge=0, description="weight of model-label disagreement in the score")
-    index_weight: float = Field(0.5, ge=0, description="weight of water-index-label disagreement in the score")
+    model_weight: float = Field(
+        0.25, ge=0, description="weight of model-label disagreement in the score (a tie-breaker: see combined_score)"
+    )
+    index_weight: float = Field(
+        0.25, ge=0, description="weight of index-label disagreement in the score (a tie-breaker: see combined_score)"
+    )
     splits: list[str] = Field(default_factory=lambda: ["train", "val", "test"])
     top_k: int | None = Field(None, ge=1, description="default: the number of injected corruptions, else 20")
     n_figures: int = Field(8, ge=0)
@@ -464,7 +468,7 @@ class ReviewParams(StrictModel):
     nir_band: str = Field("B08", description="near-infrared band of the 'ndwi' index")
     confident_weight: float = Field(1.0, ge=0, description="weight of the confident-error term in the score")
     cleanlab_weight: float = Field(
-        0.5, ge=0, description="weight of 1 - cleanlab's label-quality score (softmin) in the score"
+        4.0, ge=0, description="weight of 1 - cleanlab's label-quality score (softmin) in the score, the main term"
     )
     votes_weight: float = Field(1.0, ge=0, description="weight of the contested-pixel share (annotator votes)")
     batch_size: int = Field(64, ge=1, description="chips scored together by cleanlab (bounds memory)")

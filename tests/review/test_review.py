@@ -187,9 +187,14 @@ def test_noise_terms_follow_the_documented_formula(half_labelled_chip: dict[str,
     # every pixel is confident: 12 labelled lake (|0.95-1|), 12 unlabelled lake (0.95), 76 land (0.02)
     confident = (12 * 0.05 + 12 * 0.95 + 76 * 0.02) / 100
     assert terms["confident_error"] == pytest.approx(confident)
-    assert terms["score"] == pytest.approx(1.0 * 0.375 + 0.5 * 0.375 + 1.0 * confident)
+    cfg = ReviewParams()  # score = model_weight * model + index_weight * index + confident_weight (1) * confident
+    assert terms["score"] == pytest.approx(cfg.model_weight * 0.375 + cfg.index_weight * 0.375 + 1.0 * confident)
     raw = noise_score(chip["image"], BANDS, chip["label"], chip["valid"], chip["prob"], smooth_pixels=0.0)
-    assert raw == pytest.approx(0.5 + 0.5 * 0.5 + confident)
+    assert raw == pytest.approx(cfg.model_weight * 0.5 + cfg.index_weight * 0.5 + confident)
+    mine = ReviewParams(model_weight=1.0, index_weight=0.5)
+    assert noise_terms(chip["image"], BANDS, chip["label"], chip["valid"], chip["prob"], mine, smooth_pixels=8.0)[
+        "score"
+    ] == pytest.approx(1.0 * 0.375 + 0.5 * 0.375 + 1.0 * confident)
 
 
 def test_empty_label_and_empty_prediction_do_not_disagree() -> None:

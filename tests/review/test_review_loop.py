@@ -126,8 +126,12 @@ def test_review_without_index_and_with_votes_in_the_table() -> None:
     table = review_table([chip], ReviewParams(index="none"), progress=False)
     row = table.iloc[0]
     assert np.isnan(row["index_disagreement"]) and row["contested_share"] == pytest.approx(16 / 64)
+    cfg = ReviewParams()
     assert row["score"] == pytest.approx(
-        row["model_disagreement"] + row["confident_error"] + 0.5 * (1 - row["cleanlab_quality"]) + 16 / 64
+        cfg.model_weight * row["model_disagreement"]
+        + cfg.confident_weight * row["confident_error"]
+        + cfg.cleanlab_weight * (1 - row["cleanlab_quality"])
+        + cfg.votes_weight * 16 / 64
     )
 
 
