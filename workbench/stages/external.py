@@ -5,7 +5,9 @@ matches its bands to the store's by name (`workbench.data.bands`: Landsat Blue..
 B02..B12 and the ukis-csmask names), normalises with the model's own train-split statistics, predicts every
 labelled chip of the store and scores it at 0.5 and with the model's calibration (temperature and
 threshold from calibration.json): pooled metrics, ECE / Brier before and after temperature scaling, the
-per-chip table and the worst chips. The run lives beside the source run's experiment, and its run.json
+per-chip table and the worst chips. A softmax model (num_classes >= 2) is scored by the argmax of its raw and
+of its calibrated probabilities (per-class metrics, mIoU, overall accuracy and the confusion table; the
+store's labels must be the model's class ids). The run lives beside the source run's experiment, and its run.json
 names the source run, the store and the band map.
 """
 
