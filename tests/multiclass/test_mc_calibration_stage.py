@@ -187,3 +187,26 @@ def test_per_class_temperature_and_bundle_checks(mc_run: dict[str, Any]) -> None
     path.write_text(json.dumps({**saved, "temperature": [1.0, 1.0, 9.0]}))
     with pytest.raises(BundleIntegrityError, match=r"calibration\.json changed"):
         load_bundle(run / "model")
+
+
+def test_pixel_sample_is_bounded_and_takes_every_pixel_of_a_small_split(tmp_path: Path) -> None:
+    from workbench.data.store import BandSpec, Chip, StoreWriter
+    from workbench.stages.mc_calibration import sample_pixels
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (6, 8, 8)).astype(np.uint8)
+    labels[:, 0, :] = 255  # ignored
+    with StoreWriter(tmp_path / "store", [BandSpec("B1", "S2L2A", optical=True)], source="test") as writer:
+        for i in range(6):
+            writer.append(Chip(f"c{i}", np.zeros((1, 8, 8), np.float32), labels[i], np.ones((8, 8), bool)))
+    logits = rng.normal(0, 1, (6, 3, 8, 8)).astype(np.float16)
+    predictions = xr.Dataset(
+        {"logit": (("chip", "class", "y", "x"), logits)}, coords={"chip_index": ("chip", np.arange(6))}
+    )
+    pixels, classes = sample_pixels(tmp_path / "store", predictions, 10_000, seed=0)
+    keep = labels != 255
+    np.testing.assert_array_equal(classes, labels[keep])  # all 6 x 7 x 8 labelled pixels, in order
+    np.testing.assert_array_equal(pixels, np.moveaxis(logits, 1, -1)[keep].astype(np.float64))
+    pixels, classes = sample_pixels(tmp_path / "store", predictions, 100, seed=0)
+    assert pixels.shape == (classes.size, 3) and 0 < classes.size <= 100
+    assert set(classes.tolist()) <= {0, 1, 2}

@@ -46,18 +46,24 @@ def sample_pixels(
     store: Path, predictions: Any, max_sample: int, seed: int, bands: list[str] | None = None, corrections: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (P, C) and class labels (P,) of the labelled valid pixels of a split, at most `max_sample`
-    of them (a seeded uniform sample without replacement when there are more)."""
+    of them: every pixel when the split has no more, else a seeded uniform sample (each chip keeps its pixels
+    with probability max_sample / split pixels as it is read, so memory stays bounded, then trimmed)."""
     logits: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    rng = np.random.default_rng(seed)
+    shape = predictions["logit"].shape
+    rate = min(1.0, max_sample / max(1, int(shape[0]) * int(shape[2]) * int(shape[3])))
     for _index, _image, label, valid, logit in iter_split_chips(store, predictions, bands, corrections):
         keep = np.asarray(valid, dtype=bool) & (np.asarray(label) != IGNORE_INDEX)
-        logits.append(np.moveaxis(logit, 0, -1)[keep].astype(np.float64))
+        if rate < 1.0:
+            keep &= rng.random(keep.shape) < rate
+        logits.append(np.moveaxis(logit, 0, -1)[keep].astype(np.float32))
         labels.append(np.asarray(label)[keep].astype(np.int64))
     n_classes = int(predictions["logit"].shape[1])
-    pixels = np.concatenate(logits) if logits else np.zeros((0, n_classes))
+    pixels = np.concatenate(logits).astype(np.float64) if logits else np.zeros((0, n_classes))
     classes = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
     if classes.size > max_sample:
-        pick = np.sort(np.random.default_rng(seed).choice(classes.size, max_sample, replace=False))
+        pick = np.sort(rng.choice(classes.size, max_sample, replace=False))
         pixels, classes = pixels[pick], classes[pick]
     return pixels, classes
 
