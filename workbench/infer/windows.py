@@ -322,12 +322,13 @@ def logits_to_probabilities(logits: np.ndarray, temperature: float | Sequence[fl
     A softmax model's temperature may be one per class (channel c divided by T_c), as calibration.json
     holds it with calibrate.per_class_temperature.
     """
-    temps = torch.as_tensor(np.asarray(temperature, dtype=np.float32).reshape(-1))
-    if temps.numel() > 1:
-        if temps.numel() != logits.shape[0]:
-            raise ValueError(f"{temps.numel()} temperatures for {logits.shape[0]} classes")
-        temps = temps.reshape(-1, *([1] * (np.ndim(logits) - 1)))
-    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / temps
+    values = np.asarray(temperature, dtype=np.float64).reshape(-1)
+    divisor: float | torch.Tensor = float(values[0])
+    if values.size > 1:
+        if values.size != logits.shape[0]:
+            raise ValueError(f"{values.size} temperatures for {logits.shape[0]} classes")
+        divisor = torch.as_tensor(values, dtype=torch.float32).reshape(-1, *([1] * (np.ndim(logits) - 1)))
+    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / divisor
     probs = torch.sigmoid(scaled) if scaled.shape[0] == 1 else torch.softmax(scaled, dim=0)
     return probs.numpy()
 
