@@ -110,7 +110,6 @@ def mc_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"params": params, "run": run, "result": result, "freq": freq}
 
 
-@pytest.mark.slow
 def test_known_temperature_and_class_threshold(mc_run: dict[str, Any]) -> None:
     run, params = mc_run["run"], mc_run["params"]
     saved = json.loads((run / "model" / "calibration.json").read_text())
@@ -127,7 +126,6 @@ def test_known_temperature_and_class_threshold(mc_run: dict[str, Any]) -> None:
     assert saved["ece_top_label_after"] < 0.01 and saved["ece_top_label_before"] > saved["ece_top_label_after"]
 
 
-@pytest.mark.slow
 def test_calibrated_test_metrics_equal_sklearn(mc_run: dict[str, Any]) -> None:
     run, params = mc_run["run"], mc_run["params"]
     saved = json.loads((run / "model" / "calibration.json").read_text())
@@ -161,7 +159,6 @@ def test_calibrated_test_metrics_equal_sklearn(mc_run: dict[str, Any]) -> None:
         assert int(block["count"].sum()) == y.size
 
 
-@pytest.mark.slow
 def test_per_class_temperature_and_bundle_checks(mc_run: dict[str, Any]) -> None:
     from workbench.models.bundle import BundleIntegrityError, load_bundle, write_calibration
     from workbench.stages.mc_calibration import run_multiclass_calibration
