@@ -180,6 +180,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             allow_input_mismatch=args.allow_input_mismatch,
             allow_uncalibrated=args.uncalibrated,
             refuse_small_memory_limit=True,
+            probabilities=not args.no_probabilities,
             progress=not args.quiet,
         )
     for result in results:
@@ -320,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--min-area-m2", type=float, default=0.0)
     predict.add_argument("--scales", type=float, nargs="+", default=[1.0])
     predict.add_argument("--tta", default="none", choices=["none", "minimal", "standard", "full"])
+    predict.add_argument(
+        "--no-probabilities",
+        action="store_true",
+        help="multiclass models: write only the class raster and polygons, not probability.tif (one float32 "
+        "band per class)",
+    )
     predict.add_argument(
         "--uncalibrated",
         action="store_true",

@@ -244,6 +244,11 @@ class RunLayout:
         (region, year) `confusion_<split>_<by>.csv`: one confusion matrix per group, long format."""
         return self.diagnostic(f"confusion_{split}.csv" if by is None else f"confusion_{split}_{by}.csv")
 
+    def reliability(self, split: str) -> Path:
+        """`diagnostics/reliability_<split>.csv`: reliability bins of a softmax model (top-label and one-vs-rest
+        per class, before and after temperature scaling), long format."""
+        return self.diagnostic(f"reliability_{split}.csv")
+
     def class_metrics(self, split: str) -> Path:
         """`diagnostics/class_metrics_<split>.csv`: per-class IoU / F1 / precision / recall of a softmax model,
         pooled and per region and year."""

@@ -111,7 +111,8 @@ def preflight(params: Params, store: Path) -> PreflightReport:
     Checks: store.json's band table against the Zarr band coordinate; `data.bands`, `data.rgb_bands`,
     `model.fusion_groups` against the store's bands; `calibrate.split`, `review.splits` (and the
     catalog's splits for `split.method=catalog`) against the run's splits; `holdout_regions` against the
-    catalog's regions. Label values are checked by the data audit's scan (`check_label_values`).
+    catalog's regions; the store's label values against the model's classes (`label_value_problems`: one
+    pass over the label and valid arrays, uint8 and bool, before any image is read).
     """
     from workbench.data.store import check_band_order, read_catalog
 
@@ -121,6 +122,7 @@ def preflight(params: Params, store: Path) -> PreflightReport:
     problems, warnings = _band_problems(params, bands)
     splits = available_splits(params, catalog)
     problems += _split_problems(params, splits)
+    problems += label_value_problems(store, params.model.num_classes, catalog)
     if params.data.split.method == "region" and "region" in catalog.columns:
         regions = sorted({str(value) for value in catalog["region"]})
         unknown = [name for name in params.data.split.holdout_regions if name not in regions]
@@ -129,6 +131,46 @@ def preflight(params: Params, store: Path) -> PreflightReport:
     if problems:
         raise PreflightError(f"the parameters do not fit the chip store {store}:\n  " + "\n  ".join(problems))
     return PreflightReport(bands=bands, splits=splits, warnings=warnings)
+
+
+def outside_label_values(
+    store: Path, num_classes: int, catalog: pd.DataFrame | None = None, examples: int = 5
+) -> dict[int, tuple[int, int, list[str]]]:
+    """Label values of valid pixels outside 0..K-1 and the ignore value: {value: (pixels, chips, first chip ids)}.
+
+    Reads every chip's label and valid mask once (`ChipReader`); `catalog` (store order) names the chips.
+    """
+    from workbench.data.store import ChipReader
+
+    allowed = np.zeros(256, dtype=bool)
+    allowed[sorted(allowed_labels(num_classes))] = True
+    labels, valid = ChipReader(store, "label"), ChipReader(store, "valid")
+    found: dict[int, tuple[int, int, list[str]]] = {}
+    ids = catalog["chip_id"].astype(str).to_numpy() if catalog is not None and "chip_id" in catalog else None
+    for position in range(int(labels.shape[0])):
+        label = labels.read(position)
+        counts = np.bincount(label[valid.read(position).astype(bool)].ravel(), minlength=256)
+        for value in np.flatnonzero((counts > 0) & ~allowed[: counts.size]).tolist():
+            pixels, chips, names = found.get(int(value), (0, 0, []))
+            if len(names) < examples:
+                names = [*names, str(ids[position]) if ids is not None else f"chip {position}"]
+            found[int(value)] = (pixels + int(counts[value]), chips + 1, names)
+    return found
+
+
+def label_value_problems(store: Path, num_classes: int, catalog: pd.DataFrame | None = None) -> list[str]:
+    """One preflight problem per label value of the store that is neither a class of the model nor ignored."""
+    path = Path(store) / "chips.zarr" / "label"
+    problems = []
+    for value, (pixels, chips, names) in sorted(outside_label_values(store, num_classes, catalog).items()):
+        more = ", ..." if chips > len(names) else ""
+        problems.append(
+            f"{path} holds label value {value} ({pixels} valid px in {chips} chip(s): {', '.join(names)}{more}), "
+            f"which is no class of model.num_classes={num_classes} (classes 0..{max(num_classes, 2) - 1}, "
+            f"{IGNORE_INDEX} = ignored); re-ingest with a class map that sends it to a class or to 'ignore' "
+            "(data.ingest class_map), or raise model.num_classes"
+        )
+    return problems
 
 
 def positive_pixel_warnings(catalog: pd.DataFrame) -> list[str]:

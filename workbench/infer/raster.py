@@ -46,6 +46,7 @@ from workbench.infer.vectorize import MASK_NODATA, BlockPolygons, polygons_geojs
 from workbench.infer.windows import DEFAULT_WINDOW, autocast_context
 from workbench.io import commit_temp, create_temp_file, ensure_free_space, sweep_leftovers, write_text_atomic
 from workbench.models.bundle import BandMismatchError, BuildModel, ModelBundle, check_bands, load_bundle
+from workbench.params import resolve_classes
 
 
 class RasterInputError(ValueError):
@@ -455,7 +456,7 @@ def check_input(bundle: ModelBundle, info: RasterInfo, reader: Any, allow_mismat
 class PredictionResult:
     """Where predict_raster wrote its outputs, what it used and what the run cost."""
 
-    probability: Path
+    probability: Path | None  # None: a softmax model predicted with probabilities=False
     mask: Path
     polygons: Path
     n_polygons: int
@@ -470,7 +471,8 @@ class PredictionResult:
 
     @property
     def paths(self) -> dict[str, Path]:
-        return {"probability": self.probability, "mask": self.mask, "polygons": self.polygons}
+        paths = {"mask": self.mask, "polygons": self.polygons}
+        return paths if self.probability is None else {"probability": self.probability, **paths}
 
 
 def _output_profile(info: RasterInfo, count: int, dtype: str, nodata: float) -> dict[str, Any]:
@@ -522,6 +524,13 @@ def verify_geotiff(path: Path, height: int, width: int, count: int, dtype: str) 
             f"{path} does not read back ({exc}); the write failed (a full disk?). The previous outputs are "
             "unchanged; free some space and run predict again"
         ) from exc
+
+
+def class_colormap(colors: Sequence[str]) -> dict[int, tuple[int, int, int, int]]:
+    """GDAL colour table {class id: (r, g, b, 255)} from "#rrggbb" colours; the mask's nodata 255 is transparent."""
+    table = {i: (int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16), 255) for i, c in enumerate(colors)}
+    table[MASK_NODATA] = (0, 0, 0, 0)
+    return table
 
 
 def _output_bytes(info: RasterInfo, classes: int) -> int:
@@ -616,16 +625,20 @@ def check_options(window: int, stride: int, batch_size: int, memory_limit_mb: fl
         raise ValueError(f"memory limit must be a positive number of MiB, got {memory_limit_mb}")
 
 
-def _polygons_geojson(merged: list[tuple[Any, int]], info: RasterInfo, min_area_m2: float) -> tuple[str, int]:
+def _polygons_geojson(
+    merged: list[tuple[Any, int]], info: RasterInfo, min_area_m2: float, class_names: Sequence[str] | None = None
+) -> tuple[str, int]:
     """Polygons in EPSG:4326 with areas in m2; without a CRS, in the pixel grid with areas in pixels."""
     if info.crs is not None:
-        return polygons_geojson(merged, info.transform, info.crs, min_area_m2)
+        return polygons_geojson(merged, info.transform, info.crs, min_area_m2, class_names)
     import geopandas as gpd
     from shapely import affinity
 
     t = info.transform
     geometries = [affinity.affine_transform(poly, [t.a, t.b, t.d, t.e, t.c, t.f]) for poly, _ in merged]
     frame = gpd.GeoDataFrame({"class": [value for _, value in merged]}, geometry=geometries)
+    if class_names is not None:
+        frame["class_name"] = [str(class_names[value]) for _, value in merged]
     pixel_area = abs(t.a * t.e - t.b * t.d) or 1.0
     frame["area_px"] = np.asarray(frame.area, dtype=np.float64) / pixel_area if len(frame) else np.zeros(0)
     frame["id"] = np.arange(len(frame))
@@ -658,6 +671,7 @@ def predict_raster(
     workers: int = 4,
     allow_input_mismatch: bool = False,
     refuse_small_memory_limit: bool = False,
+    probabilities: bool = True,
 ) -> PredictionResult:
     """Predict a raster block by block into probability.tif, mask.tif (Cloud-Optimized GeoTIFFs) and polygons.
 
@@ -675,6 +689,12 @@ def predict_raster(
     files only once complete, validated and read back whole; a model dir without
     calibration.json is refused unless `allow_uncalibrated`. A memory limit below the smallest block warns, or with
     `refuse_small_memory_limit` (as the command line does) raises.
+
+    A softmax model (num_classes >= 2) writes `mask.tif` as its class raster (uint8 class ids, 255 nodata)
+    with a GDAL colour table of the class colours, decided by argmax of the calibrated probabilities (per-class
+    temperatures and a calibrated class-of-interest threshold applied); `probability.tif` holds one float32
+    band per class named after it (skipped with `probabilities=False`); polygons carry `class`, `class_name`
+    and `area_m2`, one set per class (background, class 0, is not vectorised).
     """
     started = time.perf_counter()
     bundle = _resolve_bundle(model_dir, build_model, allow_uncalibrated)
@@ -695,6 +715,14 @@ def predict_raster(
     check_bands(bundle, info.band_names, source=f"raster {info.name}")
     input_check = check_input(bundle, info, reader, allow_input_mismatch)
     classes = bundle.num_classes
+    specs = resolve_classes(bundle.model_params)
+    names = [spec.name for spec in specs] if classes >= 2 else None
+    class_thresholds = (
+        {names.index(name): float(t) for name, t in (bundle.calibration.get("class_thresholds") or {}).items()}
+        if names
+        else {}
+    )
+    write_probs = probabilities or classes == 1
     limit_mb = memory_limit_mb or DEFAULT_MEMORY_LIMIT_MB
     in_flight = max(1, workers) if scheduler is not None else 1
     if refuse_small_memory_limit and memory_limit_mb is not None and block_size is None:
@@ -717,8 +745,9 @@ def predict_raster(
     sweep_leftovers(out)  # temporary outputs of an interrupted predict
     ensure_free_space(out, _output_bytes(info, classes), "probability.tif and mask.tif (uncompressed size)")
     final = {"probability": out / "probability.tif", "mask": out / "mask.tif", "polygons": out / "polygons.geojson"}
-    tiled = {key: _temporary_beside(path) for key, path in final.items() if key != "polygons"}
-    cogs = {key: _temporary_beside(path, ".cog.partial") for key, path in final.items() if key != "polygons"}
+    rasters = [key for key in ("probability", "mask") if key != "probability" or write_probs]
+    tiled = {key: _temporary_beside(final[key]) for key in rasters}
+    cogs = {key: _temporary_beside(final[key], ".cog.partial") for key in rasters}
     polygons = BlockPolygons(info.height, info.width)
     try:
         with (
@@ -728,15 +757,23 @@ def predict_raster(
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            prob_dst = stack.enter_context(
-                rasterio.open(tiled["probability"], "w", **_output_profile(info, classes, "float32", float("nan")))
+            prob_dst = (
+                stack.enter_context(
+                    rasterio.open(tiled["probability"], "w", **_output_profile(info, classes, "float32", float("nan")))
+                )
+                if write_probs
+                else None
             )
             mask_dst = stack.enter_context(
                 rasterio.open(tiled["mask"], "w", **_output_profile(info, 1, "uint8", MASK_NODATA))
             )
-            prob_dst.descriptions = ("probability",) if classes == 1 else tuple(f"class_{k}" for k in range(classes))
-            mask_dst.descriptions = ("mask",)
-            prob_dst.update_tags(threshold=str(cut), model=str(bundle.model_dir or ""))
+            mask_dst.descriptions = ("mask",) if names is None else ("class",)
+            if names is not None:
+                mask_dst.write_colormap(1, class_colormap([spec.color for spec in specs]))
+                mask_dst.update_tags(classes=",".join(names), model=str(bundle.model_dir or ""))
+            if prob_dst is not None:
+                prob_dst.descriptions = ("probability",) if names is None else tuple(names)
+                prob_dst.update_tags(threshold=str(cut), model=str(bundle.model_dir or ""))
             for block, probs in tqdm(
                 run_blocks(job, blocks, max_in_flight=in_flight, scheduler=scheduler),
                 total=len(blocks),
@@ -746,17 +783,20 @@ def predict_raster(
             ):
                 rows, cols = block.rows, block.cols
                 target = rasterio.windows.Window.from_slices((rows.core0, rows.core1), (cols.core0, cols.core1))
-                mask = probability_to_mask(probs, cut)
-                prob_dst.write(probs.astype(np.float32, copy=False), window=target)
+                mask = probability_to_mask(probs, cut, class_thresholds)
+                if prob_dst is not None:
+                    prob_dst.write(probs.astype(np.float32, copy=False), window=target)
                 mask_dst.write(mask[None], window=target)
                 polygons.add_block(mask, rows.core0, cols.core0)
                 del probs, mask
             stack.close()
-            write_cog(tiled["probability"], cogs["probability"], "average")
+            if write_probs:
+                write_cog(tiled["probability"], cogs["probability"], "average")
             write_cog(tiled["mask"], cogs["mask"], "nearest")
         merged = polygons.merged()
-        geojson, n_polygons = _polygons_geojson(merged, info, min_area_m2)
-        verify_geotiff(cogs["probability"], info.height, info.width, classes, "float32")
+        geojson, n_polygons = _polygons_geojson(merged, info, min_area_m2, names)
+        if write_probs:
+            verify_geotiff(cogs["probability"], info.height, info.width, classes, "float32")
         verify_geotiff(cogs["mask"], info.height, info.width, 1, "uint8")
         for key, path in cogs.items():
             commit_temp(path, final[key])
@@ -765,7 +805,7 @@ def predict_raster(
         for path in [*tiled.values(), *cogs.values()]:
             path.unlink(missing_ok=True)
     return PredictionResult(
-        probability=final["probability"],
+        probability=final["probability"] if write_probs else None,
         mask=final["mask"],
         polygons=final["polygons"],
         n_polygons=n_polygons,

@@ -7,6 +7,7 @@ with 255; `BlockPolygons` collects each block's polygons and merges the pieces c
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +18,22 @@ from affine import Affine
 MASK_NODATA = 255
 
 
-def probability_to_mask(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """uint8 mask (H, W): prob > threshold for one channel, argmax for several; 255 where probs are NaN."""
+def probability_to_mask(
+    probs: np.ndarray, threshold: float, class_thresholds: Mapping[int, float] | None = None
+) -> np.ndarray:
+    """uint8 mask (H, W): prob > threshold for one channel, argmax for several; 255 where probs are NaN.
+
+    With several channels, `class_thresholds` {class index: t} (a calibrated class of interest) gives a
+    class every pixel whose probability of it reaches t, as `workbench.evaluate.calibration.predict_classes`.
+    """
     nodata = ~np.isfinite(probs).all(axis=0)
     if probs.shape[0] == 1:
         mask = (np.nan_to_num(probs[0], nan=0.0) > threshold).astype(np.uint8)
     else:
-        mask = np.nan_to_num(probs, nan=-1.0).argmax(axis=0).astype(np.uint8)
+        filled = np.nan_to_num(probs, nan=-1.0)
+        mask = filled.argmax(axis=0).astype(np.uint8)
+        for c, t in (class_thresholds or {}).items():
+            mask[filled[c] >= float(t)] = c
     mask[nodata] = MASK_NODATA
     return mask
 
@@ -84,9 +94,14 @@ def _area_m2(frame: Any) -> np.ndarray:
 
 
 def polygons_geojson(
-    polygons: list[tuple[Any, int]], transform: Affine, crs: Any, min_area_m2: float
+    polygons: list[tuple[Any, int]],
+    transform: Affine,
+    crs: Any,
+    min_area_m2: float,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[str, int]:
-    """GeoJSON (EPSG:4326) of pixel-space polygons placed with `transform`, with id, class and area_m2.
+    """GeoJSON (EPSG:4326) of pixel-space polygons placed with `transform`, with id, class and area_m2
+    (and `class_name` when `class_names` are given: the name of each polygon's class id).
 
     Returns the GeoJSON text and the number of features kept (area >= min_area_m2).
     """
@@ -98,6 +113,8 @@ def polygons_geojson(
     frame = gpd.GeoDataFrame(
         {"class": [value for _, value in polygons]}, geometry=geometries, crs=crs.to_wkt() if crs else None
     )
+    if class_names is not None:
+        frame.insert(1, "class_name", [str(class_names[value]) for _, value in polygons])
     frame["area_m2"] = _area_m2(frame) if len(frame) else np.zeros(0)
     frame = frame[frame["area_m2"] >= min_area_m2].reset_index(drop=True)
     frame.insert(0, "id", np.arange(len(frame)))

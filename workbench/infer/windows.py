@@ -282,9 +282,19 @@ def sliding_window_logits(
 # --------------------------------------------------------------------------- bundle-aware prediction
 
 
-def logits_to_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """sigmoid (one channel) or softmax over channels of logits / temperature; NaN stays NaN."""
-    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / float(temperature)
+def logits_to_probabilities(logits: np.ndarray, temperature: float | Sequence[float] = 1.0) -> np.ndarray:
+    """sigmoid (one channel) or softmax over channels of logits / temperature; NaN stays NaN.
+
+    A softmax model's temperature may be one per class (channel c divided by T_c), as calibration.json
+    holds it with calibrate.per_class_temperature.
+    """
+    values = np.asarray(temperature, dtype=np.float64).reshape(-1)
+    divisor: float | torch.Tensor = float(values[0])
+    if values.size > 1:
+        if values.size != logits.shape[0]:
+            raise ValueError(f"{values.size} temperatures for {logits.shape[0]} classes")
+        divisor = torch.as_tensor(values, dtype=torch.float32).reshape(-1, *([1] * (np.ndim(logits) - 1)))
+    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / divisor
     probs = torch.sigmoid(scaled) if scaled.shape[0] == 1 else torch.softmax(scaled, dim=0)
     return probs.numpy()
 
@@ -334,4 +344,5 @@ def predict_array(
             col_starts,
             precision,
         )
-    return logits_to_probabilities(logits.numpy(), bundle.temperature)
+    temperature = bundle.calibration.get("temperature", 1.0) if bundle.num_classes >= 2 else bundle.temperature
+    return logits_to_probabilities(logits.numpy(), temperature)

@@ -33,7 +33,7 @@ from torch import nn
 from workbench.data.normalize import NormalizationStats
 from workbench.io import read_json, write_bytes_atomic, write_json_atomic
 from workbench.models.factory import build_model
-from workbench.params import ModelParams
+from workbench.params import ModelParams, resolve_classes
 from workbench.run import CALIBRATION_FILE, CHECKSUMS_FILE, INPUT_PROFILE_FILE, MODEL_FILE, STATS_FILE
 
 BUNDLE_FORMAT = 1
@@ -266,23 +266,39 @@ def save_bundle(
     if input_profile is not None:
         write_json_atomic(directory / INPUT_PROFILE_FILE, input_profile.select(bands).to_dict())
     if calibration is not None:
-        write_calibration(directory, calibration)  # also records the checksums
+        write_calibration(directory, calibration, model_params)  # also records the checksums
     else:
         (directory / CALIBRATION_FILE).unlink(missing_ok=True)  # never pair new weights with an old calibration
         write_checksums(directory)
     return directory
 
 
-def write_calibration(model_dir: str | Path, calibration: dict[str, Any]) -> Path:
-    """Write calibration.json (temperature and threshold are validated first)."""
-    _check_calibration(calibration, Path(model_dir) / CALIBRATION_FILE)
+def write_calibration(model_dir: str | Path, calibration: dict[str, Any], model: ModelParams | None = None) -> Path:
+    """Write calibration.json (validated first: temperature(s), threshold(s), and with `model` that they fit it)."""
+    _check_calibration(calibration, Path(model_dir) / CALIBRATION_FILE, model)
     verify_checksums(model_dir)  # calibrate only an intact bundle
     path = write_json_atomic(Path(model_dir) / CALIBRATION_FILE, calibration)
     write_checksums(model_dir)
     return path
 
 
-def _check_calibration(calibration: dict[str, Any], source: Path) -> tuple[float, float]:
+def _check_calibration(
+    calibration: dict[str, Any], source: Path, model: ModelParams | None = None
+) -> tuple[float, float]:
+    """Validate a calibration record; returns (temperature, threshold) for `ModelBundle`.
+
+    A softmax model's record (``decision: argmax``) holds one temperature or one per class and optional
+    ``class_thresholds`` {class name: t}; its returned temperature is the single T, or the geometric mean
+    of the per-class vector (for display: probabilities use the vector) and its threshold 0.5 (unused).
+    With `model` the record must fit it (binary record for a binary model, classes and their count).
+    """
+    if calibration.get("decision") == "argmax" or "class_thresholds" in calibration:
+        return _check_softmax_calibration(calibration, source, model)
+    if model is not None and model.num_classes >= 2:
+        raise ValueError(
+            f"{source} holds a binary calibration (temperature, threshold) but the model has "
+            f"{model.num_classes} classes; run the calibration stage (03_calibrate) again"
+        )
     temperature = float(calibration.get("temperature", 1.0))
     threshold = float(calibration.get("threshold", 0.5))
     if not (math.isfinite(temperature) and temperature > 0):
@@ -290,6 +306,45 @@ def _check_calibration(calibration: dict[str, Any], source: Path) -> tuple[float
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"{source}: threshold must lie strictly between 0 and 1, got {threshold}")
     return temperature, threshold
+
+
+def _check_softmax_calibration(
+    calibration: dict[str, Any], source: Path, model: ModelParams | None
+) -> tuple[float, float]:
+    if calibration.get("decision") != "argmax":
+        raise ValueError(
+            f"{source}: a softmax calibration needs decision 'argmax', got {calibration.get('decision')!r}"
+        )
+    if model is not None and model.num_classes < 2:
+        raise ValueError(
+            f"{source} holds a softmax calibration (decision argmax) but the model is binary (one logit); "
+            "run the calibration stage (03_calibrate) again"
+        )
+    value = calibration.get("temperature", 1.0)
+    values = value if isinstance(value, list) else [value]
+    try:
+        temps = [float(t) for t in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: temperature must be a number or a list of numbers, got {value!r}") from None
+    if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
+        raise ValueError(f"{source}: every temperature must be a positive number, got {value!r}")
+    names = [spec.name for spec in resolve_classes(model)] if model is not None else None
+    if isinstance(value, list) and names is not None and len(temps) != len(names):
+        raise ValueError(
+            f"{source}: {len(temps)} per-class temperatures for a model of {len(names)} classes ({', '.join(names)})"
+        )
+    recorded = calibration.get("classes")
+    if names is not None and recorded is not None and list(recorded) != names:
+        raise ValueError(f"{source} was written for classes {recorded}, but the model's classes are {names}")
+    thresholds = calibration.get("class_thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise ValueError(f"{source}: class_thresholds must map class names to thresholds, got {thresholds!r}")
+    for name, threshold in thresholds.items():
+        if names is not None and name not in names:
+            raise ValueError(f"{source}: class_thresholds names {name!r}, not one of the model's classes {names}")
+        if not isinstance(threshold, int | float) or not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"{source}: class_thresholds[{name!r}] must lie strictly between 0 and 1, got {threshold}")
+    return float(math.exp(sum(math.log(t) for t in temps) / len(temps))), 0.5
 
 
 def _require(path: Path, how: str) -> Path:
@@ -372,7 +427,7 @@ def load_bundle(
         calibration = read_json(calibration_path)
         if not isinstance(calibration, dict):
             raise ValueError(f"{calibration_path} must hold a JSON object with temperature and threshold")
-        temperature, threshold = _check_calibration(calibration, calibration_path)
+        temperature, threshold = _check_calibration(calibration, calibration_path, params)
     elif require_calibration:
         raise FileNotFoundError(
             f"{calibration_path} is missing: the model is uncalibrated (temperature 1, threshold 0.5). Run the "

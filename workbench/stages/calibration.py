@@ -175,10 +175,16 @@ def _tta(params: Params, run_dir: Path, prepared: Any, temperature: float, thres
 def run_calibration(params: Params, run_dir: Path, tta_chips: int = 64, max_sample: int = 1_000_000) -> StageResult:
     """Fit temperature scaling, choose thresholds after calibrating, and score the test split with both.
 
+    A softmax model (model.num_classes >= 2) goes to `workbench.stages.mc_calibration`.
+
     `tta_chips` bounds the TTA comparison (0 skips it); `max_sample` bounds the pixel sample used for
     ECE, MCE, Brier and reliability diagrams.
     """
 
+    if params.model.num_classes >= 2:  # softmax: temperature(s), class-of-interest threshold, argmax decisions
+        from workbench.stages.mc_calibration import run_multiclass_calibration
+
+        return run_multiclass_calibration(params, run_dir, max_sample)
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     layout.check_params(params)

@@ -5,7 +5,9 @@ matches its bands to the store's by name (`workbench.data.bands`: Landsat Blue..
 B02..B12 and the ukis-csmask names), normalises with the model's own train-split statistics, predicts every
 labelled chip of the store and scores it at 0.5 and with the model's calibration (temperature and
 threshold from calibration.json): pooled metrics, ECE / Brier before and after temperature scaling, the
-per-chip table and the worst chips. The run lives beside the source run's experiment, and its run.json
+per-chip table and the worst chips. A softmax model (num_classes >= 2) is scored by the argmax of its raw and
+of its calibrated probabilities (per-class metrics, mIoU, overall accuracy and the confusion table; the
+store's labels must be the model's class ids). The run lives beside the source run's experiment, and its run.json
 names the source run, the store and the band map.
 """
 
@@ -116,37 +118,48 @@ def evaluate_external(
     predictions = load_predictions(layout.root, EXTERNAL_SPLIT)
     metrics: dict[str, Any] = {}
     tables = {}
+    if bundle.num_classes >= 2:
+        calibrated, metrics = _score_multiclass(bundle, store, catalog, predictions, chosen, layout)
     for name, temperature, threshold in (
-        ("raw", 1.0, 0.5),
-        ("calibrated", bundle.temperature, bundle.threshold),
+        ()
+        if bundle.num_classes >= 2
+        else (
+            ("raw", 1.0, 0.5),
+            ("calibrated", bundle.temperature, bundle.threshold),
+        )
     ):
         table = per_chip_table(store, catalog, predictions, threshold=threshold, temperature=temperature, bands=chosen)
         tables[name] = table
         metrics.update({f"{EXTERNAL_SPLIT}.{name}.{k}": v for k, v in pooled_metrics(table).items()})
-    calibrated = tables["calibrated"]
-    write_parquet_atomic(layout.per_chip(EXTERNAL_SPLIT), calibrated)
-    logits, targets = _pixel_sample(store, predictions)
+    logits: Any = None
+    targets: Any = None
     reliability = None
-    if targets.size:
-        quality, reliability = calibration_quality(logits, targets, bundle.temperature)
-        metrics.update({f"calibration.{k}": v for k, v in quality.items()})
-    metrics["calibration.temperature"] = bundle.temperature
-    metrics["calibration.threshold"] = bundle.threshold
-    worst = calibrated.sort_values("iou").head(10)
+    if bundle.num_classes == 1:
+        calibrated = tables["calibrated"]
+        logits, targets = _pixel_sample(store, predictions)
+        if targets.size:
+            quality, reliability = calibration_quality(logits, targets, bundle.temperature)
+            metrics.update({f"calibration.{k}": v for k, v in quality.items()})
+        metrics["calibration.temperature"] = bundle.temperature
+        metrics["calibration.threshold"] = bundle.threshold
+    write_parquet_atomic(layout.per_chip(EXTERNAL_SPLIT), calibrated)
+    worst = calibrated.sort_values("iou" if bundle.num_classes == 1 else "accuracy").head(10)
     write_parquet_atomic(layout.diagnostic("external_worst_chips.parquet"), worst)
-    figures = write_external_figures(
-        layout,
-        store,
-        tables,
-        predictions,
-        reliability,
-        logits,
-        targets,
-        bundle.temperature,
-        bundle.threshold,
-        dict(zip(bundle.bands, chosen)),
-        n_worst=n_worst,
-    )
+    figures = {}
+    if bundle.num_classes == 1:  # the softmax run keeps its confusion and class tables; figures are binary
+        figures = write_external_figures(
+            layout,
+            store,
+            tables,
+            predictions,
+            reliability,
+            logits,
+            targets,
+            bundle.temperature,
+            bundle.threshold,
+            dict(zip(bundle.bands, chosen)),
+            n_worst=n_worst,
+        )
     write_json_atomic(layout.metrics, metrics)
     write_json_atomic(
         layout.info,
@@ -182,6 +195,35 @@ def _store_stats(store: Path, catalog: pd.DataFrame, bands: list[str], like: Any
         percentiles=percentiles,
         progress=False,
     )
+
+
+def _score_multiclass(
+    bundle: Any, store: Path, catalog: pd.DataFrame, predictions: Any, bands: list[str], layout: RunLayout
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A softmax model on the store: argmax of the raw and of the calibrated probabilities (`predict_classes`
+    through `workbench.evaluate.multiclass`), per-class metrics and confusion tables. The store's labels
+    must be the model's class ids (ingest it with the class map the model was trained with)."""
+    from workbench.evaluate.multiclass import chip_confusions, split_scores
+    from workbench.io import write_text_atomic
+    from workbench.params import resolve_classes
+
+    names = [spec.name for spec in resolve_classes(bundle.model_params)]
+    metrics: dict[str, Any] = {}
+    per_chip = pd.DataFrame()
+    for name, calibration in (("raw", None), ("calibrated", bundle.calibration or None)):
+        per_chip, matrices = chip_confusions(store, catalog, predictions, names, calibration, bands=bands)
+        scores, tables = split_scores(per_chip, matrices, names)
+        scores["absent_classes"] = ",".join(scores["absent_classes"])
+        metrics.update({f"{EXTERNAL_SPLIT}.{name}.{k}": v for k, v in scores.items()})
+        if name == "calibrated":
+            write_text_atomic(layout.confusion(EXTERNAL_SPLIT), tables["confusion"].to_csv(index=False))
+            write_text_atomic(layout.class_metrics(EXTERNAL_SPLIT), tables["class_metrics"].to_csv(index=False))
+    temperature = (bundle.calibration or {}).get("temperature", 1.0)
+    if isinstance(temperature, list):
+        metrics.update({f"calibration.temperature.{n}": float(t) for n, t in zip(names, temperature, strict=True)})
+    else:
+        metrics["calibration.temperature"] = float(temperature)
+    return per_chip, metrics
 
 
 def _source_chip_size(source_run: Path | None) -> int | None:

@@ -48,6 +48,13 @@ def assign_folds(params: Params, prepared: PreparedData, split: str) -> tuple[np
     if positions.size == 0:
         raise ValueError(f"split {split!r} has no chips to cross-fit; check review.splits and data.split")
     cfg = params.data.split
+    lat, lon = catalog["lat"].to_numpy(float)[positions], catalog["lon"].to_numpy(float)[positions]
+    if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
+        missing = int(np.sum(~(np.isfinite(lat) & np.isfinite(lon))))
+        raise ValueError(
+            f"{missing} chip(s) of split {split!r} have no coordinates (lat/lon), so they cannot be dealt to spatial "
+            "folds; set review.out_of_fold: false (or ingest a store with georeferenced chips)"
+        )
     folds = spatial_kfold(
         catalog["lat"].to_numpy()[positions],
         catalog["lon"].to_numpy()[positions],
@@ -148,8 +155,8 @@ def use_out_of_fold(params: Params, catalog: Any) -> bool:
     if "train" not in cfg.splits:
         return False
     train = catalog[catalog["split"].to_numpy() == "train"]
-    if len(train) == 0:
-        return False
+    if len(train) == 0 or not np.isfinite(train[["lat", "lon"]].to_numpy(float)).all():
+        return False  # nothing to review, or chips without coordinates (no spatial folds)
     size = params.data.split.block_deg
     blocks = {
         (int(np.floor(lat / size)), int(np.floor(lon / size)))
