@@ -119,10 +119,11 @@ def plot_per_chip_distribution(
         ticks = np.asarray(marked, dtype=np.float64)
         ticks = ticks[np.isfinite(ticks)]
         ax.plot(ticks, np.zeros_like(ticks), "|", color="crimson", markersize=14, label="worst chips shown")
+    shown = "IoU" if column == "iou" else column
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"per-chip {column}")
+    ax.set_xlabel(f"per-chip {shown}")
     ax.set_ylabel("chips")
-    ax.set_title(f"Per-chip {column} distribution")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(f"Per-chip {shown} distribution")
+    ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     return fig
