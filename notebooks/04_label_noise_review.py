@@ -48,9 +48,10 @@ for name in ("annotators", "decisions", "conflicts"):
 # %% [markdown]
 # ## The review map
 #
-# Footprints coloured by score (hover: chip id and score; click: the chip's panels on the right), the
-# label-noise layer of the current chip (orange: labelled but not predicted; magenta: predicted but not
-# labelled), check boxes for the layers, next / previous through the ranking and the decision buttons.
+# Footprints coloured by score (hover: chip id and score; click: review that chip), the label-noise layer
+# of the current chip (orange: labelled but not predicted; magenta: predicted but not labelled), check
+# boxes for the layers, next / previous through the ranking and the decision buttons. The map is centred
+# on the chip under review (zoom out for the others) and its four panels are shown under the map.
 # "fix" stores the model's mask as the chip's corrected label. `figures/review_map.html` is the same map
 # as a standalone file.
 

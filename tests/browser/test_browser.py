@@ -54,7 +54,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> RunLayout:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> RunLayout:
     """A demo run of 48 chips through data audit, training and calibration: ready for notebook 04."""
     base = tmp_path_factory.mktemp("review")
-    params = tiny_demo_params(base / "store")
+    params = tiny_demo_params(base / "store", "review.n_figures=2")
     layout = RunLayout.at(base / "reports", params.experiment, "trained")
     layout.root.mkdir(parents=True)
     layout.freeze_params(params)
