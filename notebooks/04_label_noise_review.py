@@ -56,9 +56,10 @@ for name in ("annotators", "decisions", "conflicts"):
 # %% [markdown]
 # ## The review map
 #
-# Footprints coloured by score (hover: chip id and score; click: the chip's panels on the right), the
-# label-noise layer of the current chip (orange: labelled but not predicted; magenta: predicted but not
-# labelled), check boxes for the layers, next / previous through the ranking and the decision buttons.
+# Footprints coloured by score (hover: chip id and score; click: review that chip), the label-noise layer
+# of the current chip (orange: labelled but not predicted; magenta: predicted but not labelled), check
+# boxes for the layers, next / previous through the ranking and the decision buttons. The map is centred
+# on the chip under review (zoom out for the others) and its four panels are shown under the map.
 # "fix" stores a polygon or rectangle drawn on the chip with the map's draw control as the chip's corrected
 # label (burnt onto the chip's pixel grid), or the model's mask when nothing is drawn. Footprints are the
 # chips' exact outlines where the store records each chip's CRS and bounds, otherwise squares around the

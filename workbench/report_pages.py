@@ -48,6 +48,7 @@ table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 4
 th { background: #eee; cursor: pointer; user-select: none; } th.sorted-asc::after { content: " \\25B2"; }
 th.sorted-desc::after { content: " \\25BC"; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .failed { color: #b00; font-weight: bold; } .complete { color: #070; } .running { color: #a60; }
+div.wide { overflow-x: auto; max-width: 100%; }
 img.figure { max-width: 480px; border: 1px solid #ddd; margin: 4px; } input#filter { width: 28em; padding: 4px; }
 """
 
@@ -241,9 +242,9 @@ def reports_index_page(reports: Path) -> str:
 <p><input id="filter" type="search" placeholder="filter: experiment, status, run id, parameters ..."> showing
 <span id="shown">{len(runs)}</span> of {len(runs)} run(s). Click a column to sort. Metrics by stage: 01 data audit,
 02 training (IoU at the default threshold), 03 calibration, 04 label-noise review; wall time in seconds.</p>
-<table id="runs"><thead><tr>{head}</tr></thead><tbody>
+<div class="wide"><table id="runs"><thead><tr>{head}</tr></thead><tbody>
 {rows}
-</tbody></table>
+</tbody></table></div>
 {seeds}"""
     return _page("Workbench runs", body, SORT_FILTER_SCRIPT)
 

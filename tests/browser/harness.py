@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -72,7 +73,14 @@ def jupyter_lab(root: Path, run_dir: Path | None = None, log: Path | None = None
     """
     ensure_kernel()  # as `workbench lab` does: a headerless script opens with this environment's kernel
     launch = lab_launch(run_dir, port=free_port(18900))
-    argv = [*launch.argv, f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True"]
+    # a workspace of its own: JupyterLab would otherwise reopen the tabs an earlier lab left open
+    workspaces = Path(tempfile.mkdtemp(prefix="lab-workspaces-"))
+    argv = [
+        *launch.argv,
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.workspaces_dir={workspaces}",
+    ]
     output = open(log or os.devnull, "w")  # noqa: SIM115
     process = subprocess.Popen(argv, env=launch.env, stdout=output, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{launch.port}"
@@ -94,13 +102,14 @@ def jupyter_lab(root: Path, run_dir: Path | None = None, log: Path | None = None
         except subprocess.TimeoutExpired:
             process.kill()
         output.close()
+        shutil.rmtree(workspaces, ignore_errors=True)
 
 
 def open_notebook(page: Any, url_template: str, path: str, timeout_s: float = 90) -> None:
     """Open `path` (relative to the lab's root) in JupyterLab and wait for its kernel to be idle."""
     page.goto(url_template.format(path=path))
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=timeout_s * 1000)
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout_s * 1000)
+    page.locator(".jp-Notebook .jp-Cell").locator("visible=true").first.wait_for(timeout=timeout_s * 1000)
     page.wait_for_function(
         """() => {
             const widget = window.jupyterapp.shell.currentWidget;

@@ -54,7 +54,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> RunLayout:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> RunLayout:
     """A demo run of 48 chips through data audit, training and calibration: ready for notebook 04."""
     base = tmp_path_factory.mktemp("review")
-    params = tiny_demo_params(base / "store")
+    params = tiny_demo_params(base / "store", "review.n_figures=2")
     layout = RunLayout.at(base / "reports", params.experiment, "trained")
     layout.root.mkdir(parents=True)
     layout.freeze_params(params)
@@ -166,7 +166,7 @@ def test_notebook_04_review_map_records_a_decision_for_the_top_chip_in_the_ledge
     root = tmp_path / "lab"
     shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("*.ipynb"))
     with jupyter_lab(root, run_dir=trained_run.root, log=tmp_path / "lab.log") as url:
-        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        context = browser.new_context(viewport={"width": 1600, "height": 1200})  # the whole review map in view
         attempted = block_remote_requests(context)
         page = context.new_page()
         try:
@@ -177,7 +177,7 @@ def test_notebook_04_review_map_records_a_decision_for_the_top_chip_in_the_ledge
             top = str(ranking.sort_values("rank")["chip_id"].iloc[0])
 
             review_map = page.locator(".workbench-review-map")
-            review_map.scroll_into_view_if_needed()
+            review_map.evaluate("(element) => element.scrollIntoView({block: 'center'})")  # clear of the toolbar
             footprints = review_map.locator(".leaflet-overlay-pane path.leaflet-interactive")
             page.wait_for_function(
                 "([map, n]) => map.querySelectorAll('.leaflet-overlay-pane path.leaflet-interactive').length === n"

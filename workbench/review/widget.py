@@ -9,7 +9,7 @@ The only review module that imports ipywidgets, ipyleaflet and leafmap (and only
   (`draw`, burnt onto the chip's grid by `workbench.review.geometry.rasterize_drawn_polygon`) as the
   corrected label, or the model's mask of the chip (from `model_mask`) when none is drawn.
 * `ReviewWidget` shows it: chip footprints coloured by score (hover: chip id and score; click: select the
-  chip and show its panels in the side panel), the chip's label-noise image as an image overlay from an
+  chip and show its panels under the map), the chip's label-noise image as an image overlay from an
   inline PNG (works offline), check boxes that add and remove the layers, next / previous buttons,
   keep / drop / fix / unsure buttons, a note and the reviewer's name, and a draw control (polygon and
   rectangle) whose last shape becomes the corrected label of a "fix".
@@ -28,7 +28,7 @@ import pandas as pd
 from workbench.data.ledger import DECISIONS, Ledger, LedgerError
 
 MAP_SIZE_PX = 560  # the map is square; its zoom levels are computed for this size
-SIDE_WIDTH_PX = 520  # the side panel with the chip's four-panel figure
+PANELS_WIDTH_PX = 1000  # the chip's four-panel figure under the map (narrower outputs scale it down)
 CONTEXT = 5.0  # the map shows this many chip widths around the chip under review
 
 
@@ -252,7 +252,7 @@ class ReviewWidget:
         )
         self.status = widgets.HTML("")
         self.title = widgets.HTML("")
-        self.side = widgets.Output(layout={"width": f"{SIDE_WIDTH_PX}px"})
+        self.side = widgets.Output()
         self.show_footprints = widgets.Checkbox(value=True, description="chip footprints")
         self.show_noise = widgets.Checkbox(value=True, description="label noise")
         self.show_footprints.observe(lambda change: self._toggle(self.footprint_layer, change["new"]), "value")
@@ -277,10 +277,10 @@ class ReviewWidget:
                 widgets.HBox([self.show_footprints, self.show_noise]),
                 self.hover,
                 self.legend,
-                self.side,
             ]
         )
-        self.widget = widgets.HBox([self.map, controls])
+        # the four panels go under the map: beside it they would be shrunk until their titles are unreadable
+        self.widget = widgets.VBox([widgets.HBox([self.map, controls]), self.side])
         # stable CSS classes, so a page (or a browser test) can find the parts without relying on layout
         self.widget.add_class("workbench-review-map")
         parts = ((self.title, "title"), (self.status, "status"), (self.note, "note"), (self.side, "panels"))
@@ -314,7 +314,7 @@ class ReviewWidget:
             self.show(self.session.select(feature["properties"]["chip_id"]))
 
     def show(self, chip_id: str) -> None:
-        """Make `chip_id` the current chip: title, noise overlay on its footprint, panels in the side panel."""
+        """Make `chip_id` the current chip: title, map centred on it with its noise overlay, panels under the map."""
         row = self.session.row()
         self.title.value = f"<b>{chip_id}</b> · rank {int(row['rank'])} · score {float(row['score']):.3f}"
         ring = self.footprints[chip_id]
@@ -330,7 +330,7 @@ class ReviewWidget:
             with self.side:
                 from IPython.display import display
 
-                display(as_image(self.panels(chip_id), width=SIDE_WIDTH_PX - 10))
+                display(as_image(self.panels(chip_id), width=PANELS_WIDTH_PX))
 
     def zoom_to(self, south: float, west: float, north: float, east: float) -> None:
         """Centre the map on a chip's bounds, zoomed so that the chip and some of its surroundings show.
