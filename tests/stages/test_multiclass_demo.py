@@ -41,16 +41,18 @@ def _sklearn_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     out = {"overall_accuracy": accuracy_score(truth, pred)}
     for metric, function in (("iou", jaccard_score), ("f1", f1_score), ("precision", precision_score),
                              ("recall", recall_score)):  # fmt: skip
-        values = function(truth, pred, labels=classes, average=None, zero_division=np.nan)
+        values = function(truth, pred, labels=classes, average=None, zero_division=0)
         out.update({f"{metric}.{name}": float(v) for name, v in zip(NAMES, values)})
     present = [name for k, name in enumerate(NAMES) if (truth == k).any() or (pred == k).any()]
+    for name in set(NAMES) - set(present):  # absent from label and prediction: undefined, not 0
+        out.update({f"{metric}.{name}": float("nan") for metric in ("iou", "f1", "precision", "recall")})
     out["miou"] = float(np.mean([out[f"iou.{name}"] for name in present]))
     return out
 
 
 def _assert_scores(metrics: dict, prefix: str, expected: dict[str, float]) -> None:
     for key, value in expected.items():
-        got = metrics[f"{prefix}.{key}"]
+        got = metrics[f"{prefix}{key}"]
         if math.isnan(value):
             assert got is None or math.isnan(got), key
         else:
@@ -73,20 +75,21 @@ def test_multiclass_demo_runs_all_notebooks(tmp_path: Path, monkeypatch: pytest.
     # training stage: argmax of the raw logits, scored by scikit-learn
     truth, logits = _labels_and_logits(run_dir, store, "test")
     trained = json.loads(layout.stage_metrics(TRAINING).read_text())
-    _assert_scores(trained, "test", _sklearn_scores(truth, np.argmax(logits, axis=-1)))
+    _assert_scores(trained, "test.", _sklearn_scores(truth, np.argmax(logits, axis=-1)))
 
-    # merged metrics: the calibrated decision (argmax of logits / T, T one number or one per class)
+    # merged metrics: test.calibrated_* are the calibrated decision (argmax of logits / T, T one number or one per class)
     calibration = json.loads(layout.calibration.read_text())
     assert calibration["decision"] == "argmax"
     temperature = np.asarray(calibration["temperature"], dtype=np.float64)
     decided = np.argmax(logits / temperature, axis=-1)
     expected = _sklearn_scores(truth, decided)
-    _assert_scores(metrics, "test", expected)
+    _assert_scores(metrics, "test.calibrated_", expected)
 
     # the confusion table and figure
-    confusion = pd.read_csv(layout.confusion("test"))
-    counts = confusion.pivot_table(index="label", columns="predicted", values="count").reindex(NAMES)[NAMES]
-    assert np.array_equal(counts.to_numpy(), confusion_matrix(truth, decided, labels=[0, 1, 2]))
+    for split, pred in (("test", np.argmax(logits, axis=-1)), ("test_calibrated", decided)):
+        confusion = pd.read_csv(layout.confusion(split))
+        counts = confusion.pivot_table(index="label", columns="predicted", values="count").reindex(NAMES)[NAMES]
+        assert np.array_equal(counts.to_numpy(), confusion_matrix(truth, pred, labels=[0, 1, 2]))
     assert layout.figure("confusion_test").is_file() and layout.figure("reliability_classes").is_file()
     assert layout.figure("classes").is_file()
 
