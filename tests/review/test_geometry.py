@@ -17,6 +17,7 @@ from workbench.review.geometry import (
     chip_footprints,
     chip_grid,
     footprint_note,
+    is_placeable,
     rasterize_drawn_polygon,
 )
 
@@ -192,3 +193,24 @@ def test_widget_draw_control_feeds_the_fix(tmp_path: Path) -> None:
     assert "drawn polygon" in widget.status.value
     widget.buttons["fix"].click()
     assert int(ledger.corrected_label("c").sum()) == 6
+
+
+def test_chips_without_coordinates_are_left_off_the_maps_and_the_legend_says_how_many():
+    from workbench.review.maps import review_map_html
+
+    table = pd.DataFrame(
+        {
+            "chip_id": ["placed", "patch_7"],
+            "lat": [43.0, np.nan],
+            "lon": [77.0, np.nan],
+            "score": [0.9, 0.4],
+            "rank": [1, 2],
+        }
+    )
+    rings = chip_footprints(table, 16, 10.0)
+    assert len(rings[0]) == 5 and rings[1] == []
+    assert [is_placeable(row) for row in table.to_dict(orient="records")] == [True, False]
+    note = footprint_note(table)
+    assert note.startswith("1 of 2 chips carry no coordinates")
+    page = review_map_html(table, rings, {}, {}, title="t", footprint_note=note)
+    assert page.count('class="chip"') == 1 and 'data-chip="placed"' in page and "patch_7" not in page.split("<g")[1]

@@ -48,7 +48,9 @@ def test_class_terms_match_a_hand_computation() -> None:
     assert terms["model_disagreement"] == pytest.approx(0.5)  # mean over lake and snow_ice
     # every scored pixel is confident (0.94 > 0.9); the 20 lake pixels give p[label] = 0.03
     assert terms["confident_error"] == pytest.approx(20 * 0.97 / 89 + 69 * 0.06 / 89)
-    assert terms["score"] == pytest.approx(terms["model_disagreement"] + terms["confident_error"])
+    cfg = ReviewParams()  # the score weighs the terms with the review's weights (no index term here)
+    expected = cfg.model_weight * terms["model_disagreement"] + cfg.confident_weight * terms["confident_error"]
+    assert terms["score"] == pytest.approx(expected)
     # the smoothing pseudo-count: a class absent from the label with 2 stray predicted pixels barely counts
     stray = np.where(label == IGNORE_INDEX, 0, label)
     stray[0, 9] = 2

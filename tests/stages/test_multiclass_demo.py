@@ -77,7 +77,7 @@ def test_multiclass_demo_runs_all_notebooks(tmp_path: Path, monkeypatch: pytest.
     trained = json.loads(layout.stage_metrics(TRAINING).read_text())
     _assert_scores(trained, "test.", _sklearn_scores(truth, np.argmax(logits, axis=-1)))
 
-    # merged metrics: test.calibrated_* are the calibrated decision (argmax of logits / T, T one number or one per class)
+    # merged metrics: test.calibrated_* hold the calibrated decision, argmax of logits / T (T scalar or per class)
     calibration = json.loads(layout.calibration.read_text())
     assert calibration["decision"] == "argmax"
     temperature = np.asarray(calibration["temperature"], dtype=np.float64)

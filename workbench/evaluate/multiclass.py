@@ -19,6 +19,8 @@ import xarray as xr
 from workbench.evaluate.calibration import predict_classes
 from workbench.evaluate.chips import chip_identity, iter_split_chips
 from workbench.functional import confusion_matrix, multiclass_summary
+from workbench.io import write_parquet_atomic, write_text_atomic
+from workbench.run import RunLayout
 
 GROUPS = ("region", "year")
 
@@ -112,3 +114,18 @@ def _class_rows(summary: Mapping[str, Any], names: list[str], group: str, value:
         for name in names
     ]
     return pd.DataFrame(rows)
+
+
+def write_split_tables(run_dir: Path, split: str, per_chip: pd.DataFrame, tables: Mapping[str, pd.DataFrame]) -> None:
+    """Write one split's per-chip table, confusion tables (pooled, per region, per year) and class metrics.
+
+    The training and calibration stages hand these files to the notebooks and to later stages under the
+    names `workbench.run.RunLayout` gives them; every write is atomic.
+    """
+    layout = RunLayout(run_dir)
+    write_parquet_atomic(layout.per_chip(split), per_chip)
+    write_text_atomic(layout.confusion(split), tables["confusion"].to_csv(index=False))
+    for group in ("region", "year"):
+        if f"confusion_{group}" in tables:
+            write_text_atomic(layout.confusion(split, group), tables[f"confusion_{group}"].to_csv(index=False))
+    write_text_atomic(layout.class_metrics(split), tables["class_metrics"].to_csv(index=False))

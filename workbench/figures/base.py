@@ -70,3 +70,21 @@ def rgb_composite(
             out[..., position] = np.clip((band - low) / (high - low), 0.0, 1.0)
     out[~usable] = 0.0
     return out
+
+
+def chip_planes(
+    image: np.ndarray, label: np.ndarray, valid: np.ndarray, **optional: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The image (bands, H, W) and its planes as arrays, each plane checked to be (H, W) like the image.
+
+    `label` and `valid` are required (valid as bool); the `optional` planes given as None are left out.
+    A plane of another shape is refused by name, so a figure never draws misaligned layers.
+    """
+    image = np.asarray(image)
+    shape = image.shape[1:]
+    planes = {"label": np.asarray(label), "valid": np.asarray(valid, dtype=bool)}
+    planes.update({name: np.asarray(plane) for name, plane in optional.items() if plane is not None})
+    for name, plane in planes.items():
+        if plane.shape != shape:
+            raise FigureInputError(f"{name} has shape {plane.shape}, expected {shape} like the image")
+    return image, planes

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from workbench.arrays import IGNORE_INDEX
-from workbench.figures.base import IGNORE_GREY, INVALID_GREY, FigureInputError, rgb_composite
+from workbench.figures.base import IGNORE_GREY, INVALID_GREY, FigureInputError, chip_planes, rgb_composite
 
 
 def _check_classes(names: Sequence[str], colors: Sequence[str]) -> None:
@@ -210,18 +210,10 @@ def class_four_panel(
     from workbench.indices import BandNotFoundError, resolve_band
 
     _check_classes(names, colors)
-    image = np.asarray(image)
-    label = np.asarray(label)
-    valid = np.asarray(valid, dtype=bool)
-    shape = image.shape[1:]
-    planes = {"label": label, "valid": valid}
-    if predicted is not None:
-        planes["predicted"] = np.asarray(predicted)
-    if confidence is not None:
-        planes["confidence"] = np.asarray(confidence)
-    for plane_name, plane in planes.items():
-        if plane.shape != shape:
-            raise FigureInputError(f"{plane_name} has shape {plane.shape}, expected {shape} like the image")
+    image, planes = chip_planes(image, label, valid, predicted=predicted, confidence=confidence)
+    label, valid = planes["label"], planes["valid"]
+    shape = label.shape
+    predicted, confidence = planes.get("predicted"), planes.get("confidence")
     names_list = [str(name) for name in band_names]
     try:
         rgb_names = tuple(resolve_band(names_list, name) for name in rgb)

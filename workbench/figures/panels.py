@@ -14,7 +14,7 @@ from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.figure import Figure
 
 from workbench.arrays import IGNORE_INDEX
-from workbench.figures.base import IGNORE_GREY, INVALID_GREY, WATER_BLUE, FigureInputError, rgb_composite
+from workbench.figures.base import IGNORE_GREY, INVALID_GREY, WATER_BLUE, FigureInputError, chip_planes, rgb_composite
 
 _MASK_CMAP = ListedColormap(["#1b1b1b", WATER_BLUE])
 
@@ -69,18 +69,10 @@ def four_panel(
     from workbench.data.agreement import index_label, index_plane
     from workbench.indices import BandNotFoundError, resolve_band
 
-    image = np.asarray(image)
-    label = np.asarray(label)
-    valid = np.asarray(valid, dtype=bool)
-    shape = image.shape[1:]
-    planes = {"label": label, "valid": valid}
-    if prediction_prob is not None:
-        planes["prediction_prob"] = np.asarray(prediction_prob)
-    if votes is not None:
-        planes["votes"] = np.asarray(votes)
-    for name, plane in planes.items():
-        if plane.shape != shape:
-            raise FigureInputError(f"{name} has shape {plane.shape}, expected {shape} like the image")
+    image, planes = chip_planes(image, label, valid, prediction_prob=prediction_prob, votes=votes)
+    label, valid = planes["label"], planes["valid"]
+    shape = label.shape
+    prediction_prob, votes = planes.get("prediction_prob"), planes.get("votes")
     names = [str(name) for name in band_names]
     try:
         rgb_names = tuple(resolve_band(names, name) for name in rgb)

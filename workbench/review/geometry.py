@@ -101,13 +101,23 @@ def chip_footprints(
     """Footprint of each catalog row as a closed ring of (lon, lat) corners.
 
     Exact (the chip's corners in its own CRS, reprojected) where the row has crs and bounds; otherwise a
-    square of chip_size x pixel_size_m metres around the chip's centre (see `footprint_note`).
+    square of chip_size x pixel_size_m metres around the chip's centre (see `footprint_note`); an empty
+    ring where the row has neither (`is_placeable`).
     """
     cache: dict[tuple[str, str], Any] = {}
     return [
-        grid_footprint(chip_grid(row, (chip_size, chip_size), pixel_size_m), cache)
+        grid_footprint(chip_grid(row, (chip_size, chip_size), pixel_size_m), cache) if is_placeable(row) else []
         for row in catalog.to_dict(orient="records")
     ]
+
+
+def is_placeable(row: Mapping[Any, Any]) -> bool:
+    """True when a catalog row can be drawn on a map: CRS and bounds, or a finite lat/lon centre.
+
+    Chips of stores without coordinates (38-Cloud patches, Landslide4Sense HDF5) get an empty footprint
+    and the maps leave them out; the ranking, figures and decisions work without them.
+    """
+    return has_georeference(row) or (_finite(row.get("lat")) and _finite(row.get("lon")))
 
 
 def store_pixel_size(store: Any, default: float = 10.0) -> float:
@@ -120,8 +130,15 @@ def store_pixel_size(store: Any, default: float = 10.0) -> float:
 
 def footprint_note(catalog: pd.DataFrame) -> str:
     """One line for a map legend: how many footprints are exact and how many approximate."""
-    exact = sum(has_georeference(row) for row in catalog.to_dict(orient="records"))
-    approximate = len(catalog) - exact
+    rows = catalog.to_dict(orient="records")
+    exact = sum(has_georeference(row) for row in rows)
+    unplaced = sum(not is_placeable(row) for row in rows)
+    approximate = len(catalog) - exact - unplaced
+    if unplaced:
+        return (
+            f"{unplaced} of {len(catalog)} chips carry no coordinates (neither CRS and bounds nor a centre) and "
+            f"are not on the map; {exact} exact and {approximate} approximate footprints"
+        )
     if approximate == 0:
         return f"footprints: all {exact} exact (chip CRS and bounds)"
     if exact == 0:

@@ -122,6 +122,8 @@ def review_map_html(
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     polygons, images = [], []
     for (_, row), ring in zip(table.iterrows(), footprints, strict=True):
+        if not ring:  # a chip without coordinates is not drawn
+            continue
         chip_id = html.escape(str(row["chip_id"]), quote=True)
         score = float(row["score"]) if pd.notna(row["score"]) else math.nan
         rank = int(row["rank"]) if "rank" in row and pd.notna(row["rank"]) else 0

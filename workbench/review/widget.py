@@ -175,6 +175,8 @@ def footprint_geojson(table: pd.DataFrame, footprints: list[list[tuple[float, fl
     low, high = float(scores.min()), float(scores.max())
     features = []
     for (_, row), ring in zip(table.iterrows(), footprints, strict=True):
+        if not ring:  # a chip without coordinates is not drawn
+            continue
         score = float(row["score"])
         features.append(
             {
@@ -220,7 +222,9 @@ class ReviewWidget:
         self.overlay_for = overlay_for  # chip id -> PNG data URL of its noise image, computed when first shown
         from workbench.review.maps import fit_zoom
 
-        points = np.array([p for ring in footprints for p in ring])
+        points = np.array([p for ring in footprints for p in ring], dtype=np.float64).reshape(-1, 2)
+        if len(points) == 0:  # no chip carries coordinates: an empty world map, the panels still work
+            points = np.array([[-10.0, -10.0], [10.0, 10.0]])
         south, west, north, east = points[:, 1].min(), points[:, 0].min(), points[:, 1].max(), points[:, 0].max()
         zoom = fit_zoom(south, west, north, east, MAP_SIZE_PX, MAP_SIZE_PX)
         self.map = leafmap.Map(
@@ -319,10 +323,14 @@ class ReviewWidget:
         self.title.value = f"<b>{chip_id}</b> · rank {int(row['rank'])} · score {float(row['score']):.3f}"
         ring = self.footprints[chip_id]
         lons, lats = [p[0] for p in ring], [p[1] for p in ring]
-        self.zoom_to(min(lats), min(lons), max(lats), max(lons))
-        if chip_id not in self.overlays and self.overlay_for is not None:
+        if ring:
+            self.zoom_to(min(lats), min(lons), max(lats), max(lons))
+        if ring and chip_id not in self.overlays and self.overlay_for is not None:
             self.overlays[chip_id] = self.overlay_for(chip_id)
-        if chip_id in self.overlays:
+        if not ring:
+            self.noise_layer.url = ""
+            self.title.value += " · no coordinates: not on the map, its panels are below"
+        elif chip_id in self.overlays:
             self.noise_layer.url = self.overlays[chip_id]
             self.noise_layer.bounds = ((min(lats), min(lons)), (max(lats), max(lons)))
         if self.panels is not None:

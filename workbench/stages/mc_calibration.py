@@ -30,10 +30,10 @@ from workbench.evaluate.calibration import (
     reliability_table,
 )
 from workbench.evaluate.chips import iter_split_chips
-from workbench.evaluate.multiclass import chip_confusions, split_scores
+from workbench.evaluate.multiclass import chip_confusions, split_scores, write_split_tables
 from workbench.functional import score
 from workbench.infer.chips import load_predictions
-from workbench.io import write_parquet_atomic, write_text_atomic
+from workbench.io import write_text_atomic
 from workbench.models.bundle import write_calibration
 from workbench.params import Params, resolve_classes
 from workbench.run import CALIBRATION, RunLayout
@@ -235,12 +235,7 @@ def run_multiclass_calibration(params: Params, run_dir: Path, max_sample: int = 
         corrections=corrections,
     )
     scores, tables = split_scores(per_chip, matrices, names)
-    write_parquet_atomic(layout.per_chip(CALIBRATED), per_chip)
-    write_text_atomic(layout.confusion(CALIBRATED), tables["confusion"].to_csv(index=False))
-    for group in ("region", "year"):
-        if f"confusion_{group}" in tables:
-            write_text_atomic(layout.confusion(CALIBRATED, group), tables[f"confusion_{group}"].to_csv(index=False))
-    write_text_atomic(layout.class_metrics(CALIBRATED), tables["class_metrics"].to_csv(index=False))
+    write_split_tables(run_dir, CALIBRATED, per_chip, tables)
 
     if isinstance(temperature, list):
         metrics.update({f"calibration.temperature.{n}": t for n, t in zip(names, temperature, strict=True)})

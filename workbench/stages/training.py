@@ -71,7 +71,7 @@ def evaluate_multiclass_split(
     Writes `per_chip_<split>.parquet`, `confusion_<split>.csv` (counts and row-normalised),
     `confusion_<split>_region.csv`, `confusion_<split>_year.csv` and `class_metrics_<split>.csv`.
     """
-    from workbench.evaluate.multiclass import chip_confusions, split_scores
+    from workbench.evaluate.multiclass import chip_confusions, split_scores, write_split_tables
 
     prepared = load_prepared(run_dir, params.data, decisions=params.review.decisions, ledger=params.review.ledger)
     names = [spec.name for spec in resolve_classes(params.model)]
@@ -85,13 +85,7 @@ def evaluate_multiclass_split(
         corrections=prepared.corrections if prepared.ledger is not None else None,
     )
     metrics, tables = split_scores(table, matrices, names)
-    layout = RunLayout(run_dir)
-    write_parquet_atomic(layout.per_chip(split), table)
-    write_text_atomic(layout.confusion(split), tables["confusion"].to_csv(index=False))
-    for group in ("region", "year"):
-        if f"confusion_{group}" in tables:
-            write_text_atomic(layout.confusion(split, group), tables[f"confusion_{group}"].to_csv(index=False))
-    write_text_atomic(layout.class_metrics(split), tables["class_metrics"].to_csv(index=False))
+    write_split_tables(run_dir, split, table, tables)
     metrics["absent_classes"] = ",".join(metrics["absent_classes"])
     metrics["n_chips"] = len(table)
     return table, metrics, tables
