@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 from sklearn.metrics import f1_score, jaccard_score
-
-from tests.stages.test_calibration_stage import sigmoid, tiny_params, write_noisy_predictions
+from test_calibration_stage import sigmoid, tiny_params, write_noisy_predictions
 
 
 def pooled_pixels(run: Path, store: Path, split: str, drop: set[int], fixes: dict[int, np.ndarray]) -> tuple:
